@@ -1,0 +1,39 @@
+"""tdaserve's attribution engine: which training examples made a model produce a prediction.
+
+Every method scores a (test, train) pair as an inner product ⟨query(test), train(i)⟩.
+"""
+
+from attribution.applications import group_effect, self_influence, value
+from attribution.checkpoints import Checkpoint
+from attribution.data import Examples
+from attribution.errors import AttributionError
+from attribution.methods import (
+    METHODS,
+    TRAK,
+    GradientSimilarity,
+    InfluenceFunction,
+    Method,
+    TracIn,
+    build_method,
+)
+from attribution.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+
+__all__ = [
+    "AttributionError",
+    "CausalLMTask",
+    "Checkpoint",
+    "ClassificationTask",
+    "Examples",
+    "GradientSimilarity",
+    "InfluenceFunction",
+    "METHODS",
+    "Method",
+    "RegressionTask",
+    "TRAK",
+    "Task",
+    "TracIn",
+    "build_method",
+    "group_effect",
+    "self_influence",
+    "value",
+]
