@@ -1,0 +1,1 @@
+"""Celery workers: the expensive jobs (attribution, valuation, mislabel, evaluate, build_index)."""
