@@ -59,7 +59,7 @@ DEFAULT_METHODS: dict[str, tuple[str, dict]] = {
     "tracin": ("tracin", {"proj_dim": 512}),
     "trak-512": ("trak", {"proj_dim": 512}),
     "influence-ekfac": ("influence", {"solver": "ekfac"}),
-    "influence-exact": ("influence", {"solver": "exact"}),
+    "influence-exact": ("influence", {"solver": "exact", "checkpoints": [0]}),
 }
 
 #: methods that use the checkpointed trajectory of model 0 rather than the ensemble
@@ -128,7 +128,8 @@ def ground_truth(
     plan = SubsetPlan(len(prepared.train), alpha, n_subsets, seed=0)
     if cache is not None and cache.exists():
         results = SubsetResults.load(cache)
-        if results.masks.shape == (n_subsets, len(prepared.train)):
+        same_recipe = results.meta.get("config") == prepared.task.config.to_dict()
+        if same_recipe and results.masks.shape == (n_subsets, len(prepared.train)):
             return results
     results = retrain_on_subsets(
         plan,

@@ -157,6 +157,13 @@ def test_constant_schedule_records_the_learning_rate(digits):
     assert [(c.step, c.learning_rate) for c in result.checkpoints] == [(2, 1e-2), (4, 1e-2)]
 
 
+def test_num_threads_applies_only_while_training(digits):
+    data = digits[0].subset(np.arange(20))
+    before = torch.get_num_threads()
+    train(mlp(), ClassificationTask, data, TrainConfig(epochs=1, num_threads=before + 1))
+    assert torch.get_num_threads() == before
+
+
 def test_digits_mlp_reaches_95_percent(digits):
     train_set, test_set = digits
     model = mlp(seed=0)
@@ -198,6 +205,7 @@ def test_bad_training_input_names_the_problem(digits):
         (TrainConfig(optimizer="lbfgs"), "optimizer"),  # type: ignore[arg-type]
         (TrainConfig(checkpoints=0), "checkpoints"),
         (TrainConfig(schedule="step"), "schedule"),  # type: ignore[arg-type]
+        (TrainConfig(num_threads=0), "num_threads"),
     ]:
         with pytest.raises(AttributionError, match=message):
             train(mlp(), ClassificationTask, data, config)

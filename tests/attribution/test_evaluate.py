@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from attribution.datasets import load_digits_split
 from attribution.errors import AttributionError
@@ -221,7 +221,7 @@ def influence_scores(model, train_set, test_set, weight_decay: float) -> np.ndar
     def loss(flat, x, y):
         return task.loss(task, logits(flat, x[None]), y[None])[0]
 
-    h = hessian(objective)(theta)
+    h = jacrev(grad(objective))(theta)
     g_test = vmap(grad(margin), in_dims=(None, 0, 0))(theta, test_set.x.double(), test_set.y)
     g_train = vmap(grad(loss), in_dims=(None, 0, 0))(theta, x_train, y_train)
     return -(g_test @ torch.linalg.solve(h, g_train.T)).numpy()

@@ -271,3 +271,39 @@ def test_self_influence_and_value(small_mlp, digits_small):
     np.testing.assert_allclose(
         values, grads @ queries.sum(0), rtol=1e-3, atol=1e-5 * np.abs(values).max()
     )
+
+
+def test_regression_influence_equals_closed_form_least_squares():
+    """Ridge regression: score(t, i) = x_tᵀ (XᵀX/n + λI)⁻¹ x_i (y_i − ŷ_i) / n."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 6, generator=generator)
+    y = x @ torch.randn(6, generator=generator) + 0.1 * torch.randn(80, generator=generator)
+    model = nn.Linear(6, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y[:, None]).solution.T)
+    from attribution import RegressionTask
+
+    method = InfluenceFunction(RegressionTask(model), solver="exact", damping=0.1).fit((x, y))
+    xt = torch.randn(5, 6, generator=generator)
+    got = method.score((xt, torch.zeros(5)))
+    xd, yd, td = x.double().numpy(), y.double().numpy(), xt.double().numpy()
+    residual = yd - xd @ model.weight.detach().double().numpy()[0]
+    hessian = xd.T @ xd / 80 + 0.1 * np.eye(6)
+    expected = td @ np.linalg.solve(hessian, (xd * residual[:, None]).T) / 80
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_lissa_scores_are_inner_products(small_mlp, digits_small):
+    train, test = digits_small
+    method = InfluenceFunction(
+        ClassificationTask(copy.deepcopy(small_mlp)), solver="lissa", lissa_depth=5
+    )
+    method.fit(train)
+    assert not method.indexable and method.query_needs_state
+    few = (test[0][:4], test[1][:4])
+    np.testing.assert_allclose(
+        method.score(few),
+        method.query_vectors(few) @ method.train_vectors().T,
+        rtol=1e-5,
+        atol=1e-7,
+    )
