@@ -49,7 +49,13 @@ OURS: dict[str, tuple[str, dict, int]] = {
     "influence exact, 5 models": ("influence", {"solver": "exact"}, 5),
     "influence cg, 1 model": ("influence", {"solver": "cg", "cg_iterations": 100}, 1),
 }
-QUICK = {"graddot", "tracin (512, 5 ckpts)", "trak 512, 5 models", "influence ekfac, 5 models", "influence exact, 1 model"}
+QUICK = {
+    "graddot",
+    "tracin (512, 5 ckpts)",
+    "trak 512, 5 models",
+    "influence ekfac, 5 models",
+    "influence exact, 1 model",
+}
 
 
 @dataclasses.dataclass
@@ -88,15 +94,23 @@ def run_ours(clean: suite.Prepared, noisy: suite.Prepared, truth, flipped, label
             featurize = time.perf_counter() - t0
         auc = None
         if name != "influence" or arguments.get("solver") != "cg":
-            noisy_method = build_method(name, _task_for(noisy, name, n_models), **arguments).fit(noisy.train)
+            noisy_method = build_method(name, _task_for(noisy, name, n_models), **arguments).fit(
+                noisy.train
+            )
             auc = mislabel_auc(self_influence(noisy_method, noisy.train), flipped)
         value = lds(scores, truth.masks, truth.outputs).mean
         rows.append(Row(label, value, auc, seconds, featurize, f"fit {fitted - start:.1f}s"))
-        print(f"  {label:28s} LDS {value:6.3f}  AUC {auc if auc is None else round(auc, 3)}  {seconds:6.1f}s", flush=True)
+        extra = "" if featurize is None else f" (featurize {featurize:.1f}s)"
+        print(
+            f"  {label:28s} LDS {value:6.3f}  AUC {auc if auc is None else round(auc, 3)}  {seconds:6.1f}s{extra}",
+            flush=True,
+        )
     return rows
 
 
-def run_traker(clean: suite.Prepared, truth, proj_dim: int, n_models: int, lambda_reg: float) -> Row:
+def run_traker(
+    clean: suite.Prepared, truth, proj_dim: int, n_models: int, lambda_reg: float
+) -> Row:
     """traker's TRAKer on CPU with the same checkpoints and proj_dim (BasicProjector)."""
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
@@ -105,27 +119,43 @@ def run_traker(clean: suite.Prepared, truth, proj_dim: int, n_models: int, lambd
     n_params = sum(p.numel() for p in model.parameters())
     train_x, train_y = clean.train.x, clean.train.y
     with tempfile.TemporaryDirectory() as save_dir:
-        projector = BasicProjector(n_params, proj_dim, seed=0, proj_type=ProjectionType.rademacher, device="cpu")
+        projector = BasicProjector(
+            n_params, proj_dim, seed=0, proj_type=ProjectionType.rademacher, device="cpu"
+        )
         traker = TRAKer(
-            model=model, task="image_classification", train_set_size=len(train_x), save_dir=save_dir,
-            device="cpu", projector=projector, proj_dim=proj_dim, use_half_precision=False,
-            lambda_reg=lambda_reg, logging_level=40,
+            model=model,
+            task="image_classification",
+            train_set_size=len(train_x),
+            save_dir=save_dir,
+            device="cpu",
+            projector=projector,
+            proj_dim=proj_dim,
+            use_half_precision=False,
+            lambda_reg=lambda_reg,
+            logging_level=40,
         )
         start = time.perf_counter()
         for model_id, state in enumerate(clean.ensemble[:n_models]):
             traker.load_checkpoint(state, model_id=model_id)
             for i in range(0, len(train_x), 100):
-                traker.featurize(batch=(train_x[i : i + 100], train_y[i : i + 100]), num_samples=len(train_x[i : i + 100]))
+                traker.featurize(
+                    batch=(train_x[i : i + 100], train_y[i : i + 100]),
+                    num_samples=len(train_x[i : i + 100]),
+                )
         featurize = time.perf_counter() - start
         traker.finalize_features()
         for model_id, state in enumerate(clean.ensemble[:n_models]):
-            traker.start_scoring_checkpoint(exp_name="test", checkpoint=state, model_id=model_id, num_targets=len(clean.test))
+            traker.start_scoring_checkpoint(
+                exp_name="test", checkpoint=state, model_id=model_id, num_targets=len(clean.test)
+            )
             traker.score(batch=(clean.test.x, clean.test.y), num_samples=len(clean.test))
         scores = np.asarray(traker.finalize_scores(exp_name="test")).T
         seconds = time.perf_counter() - start
     value = lds(scores, truth.masks, truth.outputs).mean
     label = f"traker {proj_dim}, {n_models} models, λ={lambda_reg:g}"
-    print(f"  {label:28s} LDS {value:6.3f}  {seconds:6.1f}s (featurize {featurize:.1f}s)", flush=True)
+    print(
+        f"  {label:28s} LDS {value:6.3f}  {seconds:6.1f}s (featurize {featurize:.1f}s)", flush=True
+    )
     return Row(label, value, None, seconds, featurize)
 
 
@@ -144,8 +174,12 @@ def run_captum(clean: suite.Prepared, noisy: suite.Prepared, truth, flipped) -> 
             return lrs[path]
 
         return TracInCP(
-            model, TensorDataset(prepared.train.x, prepared.train.y), list(states), load,
-            loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=100,
+            model,
+            TensorDataset(prepared.train.x, prepared.train.y),
+            list(states),
+            load,
+            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+            batch_size=100,
         )
 
     start = time.perf_counter()
@@ -153,14 +187,66 @@ def run_captum(clean: suite.Prepared, noisy: suite.Prepared, truth, flipped) -> 
     seconds = time.perf_counter() - start
     auc = mislabel_auc(run(noisy).self_influence(show_progress=False).numpy(), flipped)
     value = lds(scores, truth.masks, truth.outputs).mean
-    print(f"  {'captum TracInCP (exact)':28s} LDS {value:6.3f}  AUC {auc:.3f}  {seconds:6.1f}s", flush=True)
+    print(
+        f"  {'captum TracInCP (exact)':28s} LDS {value:6.3f}  AUC {auc:.3f}  {seconds:6.1f}s",
+        flush=True,
+    )
     return Row("captum TracInCP (exact, 5 ckpts)", value, auc, seconds)
+
+
+def featurize_speed(clean: suite.Prepared, proj_dim: int, repeats: int = 3) -> str:
+    """TRAK featurization of 1000 examples × 5 checkpoints, ours vs traker's, interleaved."""
+    from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
+
+    def ours() -> float:
+        method = build_method("trak", _task_for(clean, "trak", 5), proj_dim=proj_dim)
+        start = time.perf_counter()
+        method.featurize_train(method._examples(clean.train, "train"))
+        return time.perf_counter() - start
+
+    def reference() -> float:
+        model = clean.task.make_model(0)
+        n_params = sum(p.numel() for p in model.parameters())
+        with tempfile.TemporaryDirectory() as save_dir:
+            start = time.perf_counter()
+            projector = BasicProjector(
+                n_params, proj_dim, seed=0, proj_type=ProjectionType.rademacher, device="cpu"
+            )
+            traker = TRAKer(
+                model=model,
+                task="image_classification",
+                train_set_size=len(clean.train),
+                save_dir=save_dir,
+                device="cpu",
+                projector=projector,
+                proj_dim=proj_dim,
+                use_half_precision=False,
+                logging_level=40,
+            )
+            for model_id, state in enumerate(clean.ensemble[:5]):
+                traker.load_checkpoint(state, model_id=model_id)
+                for i in range(0, len(clean.train), 100):
+                    batch = (clean.train.x[i : i + 100], clean.train.y[i : i + 100])
+                    traker.featurize(batch=batch, num_samples=len(batch[0]))
+            return time.perf_counter() - start
+
+    times_ours, times_ref = [], []
+    for _ in range(repeats):
+        times_ours.append(ours())
+        times_ref.append(reference())
+    a, b = float(np.median(times_ours)), float(np.median(times_ref))
+    line = f"| {proj_dim} | {a:.2f} | {b:.2f} | {b / a:.1f}× |"
+    print(line, flush=True)
+    return line
 
 
 def noisy_version(clean: suite.Prepared, fraction: float = 0.1):
     """Flip 10% of the training labels and retrain the same recipe on them."""
     y_noisy, flipped = flip_labels(clean.train.y, fraction, 10, seed=0)
-    task = dataclasses.replace(clean.task, load=lambda: (type(clean.train)(clean.train.x, y_noisy), clean.test))
+    task = dataclasses.replace(
+        clean.task, load=lambda: (type(clean.train)(clean.train.x, y_noisy), clean.test)
+    )
     return suite.prepare_task(task, n_models=len(clean.ensemble)), flipped.numpy()
 
 
@@ -185,15 +271,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few methods only")
     parser.add_argument("--no-reference", action="store_true", help="skip traker and captum")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--featurize", action="store_true", help="only TRAK featurization speed vs traker"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.featurize:
+        clean = suite.prepare("digits-mlp", n_models=5)
+        rows = [featurize_speed(clean, proj_dim) for proj_dim in (512, 2048)]
+        body = (
+            "TRAK featurization, digits MLP, 1000 examples × 5 checkpoints, CPU, median of 3 "
+            "interleaved runs (seconds):\n\n| proj_dim | tdaserve | traker (BasicProjector) | speed-up |\n"
+            "|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"
+        )
+        print(body)
+        if args.write:
+            write_section("Engine featurization speed (issue 2)", body, " ".join(sys.argv[1:]))
+        return
     labels = QUICK if args.quick else set(OURS)
     sections = []
     for arch in args.arch.split(","):
         name = {"mlp": "digits-mlp", "logreg": "digits-logreg"}[arch]
         print(f"== {name}", flush=True)
         clean = suite.prepare(name, n_models=5)
-        truth = suite.ground_truth(clean, args.subsets, 0.5, CACHE / f"{name}-{args.subsets}x0.5.npz", progress=False)
+        truth = suite.ground_truth(
+            clean, args.subsets, 0.5, CACHE / f"{name}-{args.subsets}x0.5.npz", progress=False
+        )
         noisy, flipped = noisy_version(clean)
         rows = run_ours(clean, noisy, truth, flipped, labels)
         if not args.no_reference:
@@ -207,15 +310,24 @@ def main() -> None:
 
 
 def write_results(sections: list[str], argv: str) -> None:
+    write_section("Engine (issue 2)", "\n\n".join(sections) + "\n", argv)
+
+
+def write_section(title: str, body: str, argv: str) -> None:
+    """Replace (or append) the section ``## title`` of benchmarks/RESULTS.md."""
     header = (
-        "## Engine (issue 2)\n\n"
-        f"Command: `python benchmarks/engine_bench.py {argv}` — {platform.processor() or platform.machine()}, "
+        f"## {title}\n\n"
+        f"Command: `python benchmarks/engine_bench.py {argv}` — {platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.\n\n"
     )
-    body = header + "\n\n".join(sections) + "\n"
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(r"## Engine \(issue 2\)\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body
+    pattern = re.compile(rf"## {re.escape(title)}\n.*?(?=\n## |\Z)", re.S)
+    block = header + body
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block
+    )
     RESULTS.write_text(text)
 
 

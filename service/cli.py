@@ -16,13 +16,13 @@ eval_app = typer.Typer(help="Measure attribution quality on built-in tasks.", no
 app.add_typer(eval_app, name="eval")
 
 
-def _mount_optional() -> None:
-    """Mount the sub-apps of components that are present in this installation."""
-    try:
-        from indexer.cli import index_app
-    except ImportError:
-        return
+def _mount_components() -> None:
+    """Mount the indexer's and the service's commands (serve, worker, query, jobs, demo …)."""
+    from indexer.cli import index_app
+    from service.commands import register
+
     app.add_typer(index_app, name="index")
+    register(app)
 
 
 @eval_app.command("lds")
@@ -49,18 +49,18 @@ def eval_lds(
     print_lds_table(task, methods, models, subsets, alpha, cache)
 
 
-@app.command()
-def demo(
+@eval_app.command("demo")
+def engine_demo(
     top: int = typer.Option(3, min=1, max=20, help="proponents/opponents shown per prediction"),
     subsets: int = typer.Option(40, min=5, help="subsets retrained for the LDS column"),
 ) -> None:
-    """Train a digits model, show who made its predictions, and how good each method is."""
+    """Engine only: who made a digits model's predictions, and how good each method is."""
     from service.reports import run_engine_demo
 
     run_engine_demo(top=top, subsets=subsets)
 
 
-_mount_optional()
+_mount_components()
 
 if __name__ == "__main__":
     app()

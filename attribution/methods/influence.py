@@ -10,11 +10,19 @@ Hessian at each checkpoint; several checkpoints are averaged like TRAK's ensembl
   over the train set; train side = raw gradients. Not indexable (queries need the train set).
 
 **Choosing the damping λ.** Unless ``damping`` is given, λ = ``damping_scale`` × the mean
-eigenvalue of C (tr(C)/p; for EK-FAC, the mean of Λ over all layers). The training objective's weight
-decay is part of the true curvature, and too small a λ lets near-null directions dominate: on a
-digits MLP, exact influence measured LDS 0.07 at λ = 1e-3 and 0.75 at λ = 1e-2. The relative
-rule carries over between models whose curvature differs in scale; benchmarks/RESULTS.md records
-the LDS it gives.
+eigenvalue of C (tr(C)/p; for EK-FAC the mean of its eigenvalues Λ over all layers), with a
+default scale per solver (``DEFAULT_DAMPING_SCALE``). The rule reads only the curvature, never
+test data, and carries over between models whose curvature differs in scale. Too small a λ lets
+near-null directions of C dominate the scores (the GGN lacks the training objective's weight
+decay). Measured on the digits MLP 64-128-10 (1000 train, LDS over 100 subsets at α = 0.5):
+
+* exact GGN, mean eigenvalue ≈ 3.5e-4: λ = 3.5e-5 → LDS 0.48, 1e-3 → 0.76, 3e-3 → 0.79,
+  1e-2 → 0.75, 3e-2 → 0.66; as a scale, 1× → 0.71 and 10× → 0.82. Default: 10×.
+* EK-FAC, whose eigen-corrected spectrum has a long tail of tiny Λ: 0.001× → 0.59, 0.01× → 0.67,
+  0.1× → 0.66, 1× → 0.58, 10× → 0.53. Default: 0.1× (kronfluence's heuristic too).
+
+The issue that specified this rule quoted, for another digits MLP, LDS 0.07 at λ = 1e-3 and
+0.75 at λ = 1e-2: the best absolute λ moves with the model, the relative one much less.
 """
 
 from __future__ import annotations
@@ -44,13 +52,15 @@ from attribution.projectors import DenseProjector, derive_seed
 from attribution.tasks import Measurement
 
 SOLVERS = ("exact", "cg", "lissa", "ekfac")
+#: λ / mean eigenvalue per solver, measured on the digits MLP (see the module docstring)
+DEFAULT_DAMPING_SCALE = {"exact": 10.0, "cg": 10.0, "lissa": 10.0, "ekfac": 0.1}
 
 
 @dataclasses.dataclass
 class InfluenceArguments(GradientArguments):
     solver: str = "exact"
     damping: float | None = None  # absolute λ; None = damping_scale × mean eigenvalue
-    damping_scale: float = 10.0
+    damping_scale: float | None = None  # None = the solver's default (DEFAULT_DAMPING_SCALE)
     hessian: str = "ggn"  # "ggn" or "full" (exact, cg, lissa)
     cg_iterations: int = 200
     cg_tolerance: float = 1e-6
@@ -66,6 +76,8 @@ class InfluenceArguments(GradientArguments):
             raise AttributionError(f"hessian must be 'ggn' or 'full', not {self.hessian!r}")
         if self.damping is not None and self.damping < 0:
             raise AttributionError(f"damping must be non-negative, got {self.damping}")
+        if self.damping_scale is None:
+            self.damping_scale = DEFAULT_DAMPING_SCALE[self.solver]
         if self.damping_scale <= 0:
             raise AttributionError(f"damping_scale must be positive, got {self.damping_scale}")
         if self.solver in ("cg", "lissa") and self.proj_dim is not None:

@@ -1,0 +1,1 @@
+"""The FastAPI application: ``create_app`` in ``service.api.app``."""

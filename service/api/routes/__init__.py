@@ -1,0 +1,1 @@
+"""One module per resource; each route validates, calls the domain, and shapes the response."""

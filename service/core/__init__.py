@@ -1,0 +1,1 @@
+"""Settings, errors, auth, limits and metrics: what every route shares."""
