@@ -1,0 +1,141 @@
+"""Provenance benchmark (issue 6, verbatim half): infini-gram index build and span lookup.
+
+Generated corpus: documents of Zipf-distributed words (vocabulary 30,000 synthetic words),
+3-6 sentences of 8-20 words each. Queries: 500-token outputs made of random sentences with two
+60-token passages copied verbatim from random corpus documents.
+
+    python benchmarks/provenance_bench.py --tokens 10000000 --queries 100
+    python benchmarks/provenance_bench.py --tokens 10000000 --write   # append to RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer.verbatim import VerbatimIndex, build_verbatim_index, bytes_per_token  # noqa: E402
+
+VOCAB = 30_000
+
+
+def make_words(rng: np.random.Generator) -> np.ndarray:
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = set()
+    while len(words) < VOCAB:
+        n = int(rng.integers(2, 10))
+        words.add("".join(rng.choice(letters, n)))
+    return np.array(sorted(words))
+
+
+def sentences(rng: np.random.Generator, words: np.ndarray, probs: np.ndarray, k: int) -> list[str]:
+    lens = rng.integers(8, 21, size=k)
+    flat = words[rng.choice(len(words), size=int(lens.sum()), p=probs)]
+    out, pos = [], 0
+    for n in lens:
+        out.append(" ".join(flat[pos : pos + n]).capitalize() + ".")
+        pos += n
+    return out
+
+
+def make_corpus(tokens: int, seed: int = 0) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    words = make_words(rng)
+    ranks = np.arange(1, VOCAB + 1, dtype=np.float64)
+    probs = 1.0 / ranks**1.07
+    probs /= probs.sum()
+    # ~15 tokens per sentence (words + final period), ~4.5 sentences per document
+    n_sent = tokens // 15 + 1
+    sents = sentences(rng, words, probs, n_sent)
+    docs, pos, i = [], 0, 0
+    while pos < len(sents):
+        k = int(rng.integers(3, 7))
+        docs.append({"id": f"doc-{i}", "text": " ".join(sents[pos : pos + k]), "metadata": {}})
+        pos += k
+        i += 1
+    return docs, words, probs
+
+
+def make_output(rng, docs, words, probs, idx: VerbatimIndex, n_tokens: int = 500) -> str:
+    parts: list[str] = []
+    for _ in range(2):
+        text = docs[int(rng.integers(len(docs)))]["text"].split()
+        start = int(rng.integers(0, max(1, len(text) - 60)))
+        parts.append(" ".join(text[start : start + 60]))
+    filler = sentences(rng, words, probs, 40)
+    out = " ".join([*filler[:12], parts[0], *filler[12:24], parts[1], *filler[24:]])
+    ids = idx.tokenizer.encode(out)
+    while len(ids) > n_tokens:  # trim to n_tokens whole tokens
+        out = out.rsplit(" ", 1)[0]
+        ids = idx.tokenizer.encode(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=10_000_000)
+    ap.add_argument("--queries", type=int, default=100)
+    ap.add_argument("--write", action="store_true", help="append a section to RESULTS.md")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    docs, words, probs = make_corpus(args.tokens)
+    gen_s = time.perf_counter() - t0
+    work = Path(tempfile.mkdtemp(prefix="tda-prov-bench-"))
+    try:
+        t0 = time.perf_counter()
+        build_verbatim_index(docs, work / "idx")
+        build_s = time.perf_counter() - t0
+        bpt = bytes_per_token(work / "idx")
+        with VerbatimIndex.open(work / "idx") as idx:
+            n_tok = idx.meta["num_tokens"]
+            rng = np.random.default_rng(1)
+            outputs = [make_output(rng, docs, words, probs, idx) for _ in range(args.queries)]
+            out_tokens = int(np.mean([len(idx.tokenizer.encode(o)) for o in outputs]))
+            idx.spans(outputs[0])  # warm the page cache
+            lat, n_spans = [], []
+            for o in outputs:
+                t0 = time.perf_counter()
+                spans = idx.spans(o, min_tokens=5)
+                lat.append((time.perf_counter() - t0) * 1000)
+                n_spans.append(len(spans))
+        p50, p99 = np.percentile(lat, 50), np.percentile(lat, 99)
+        print(
+            f"corpus: {len(docs)} docs, {n_tok} tokens (generated in {gen_s:.1f} s)\n"
+            f"build: {build_s:.1f} s ({n_tok / build_s / 1e6:.2f} M tokens/s), "
+            f"{bpt:.2f} bytes/token on disk\n"
+            f"lookup ({args.queries} outputs of ~{out_tokens} tokens, min_tokens=5): "
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {np.mean(n_spans):.1f} spans/output"
+        )
+        if args.write:
+            section = f"""
+## Provenance (issue 6): verbatim spans
+
+Command: `python benchmarks/provenance_bench.py --tokens {args.tokens} --queries {args.queries} --write` — {platform.machine()}, 2 shared cores, infini-gram 2.6.0 (u16 suffix array), {datetime.date.today()}.
+
+Generated corpus of Zipf-distributed words (vocabulary {VOCAB:,}); word-level tokenizer trained on
+the corpus; queries are outputs of ~{out_tokens} tokens with two 60-word passages copied from
+corpus documents; `VerbatimIndex.spans(output, min_tokens=5)`, up to 5 documents per span.
+
+| corpus tokens | documents | build s (tokenize + write + build_sa) | bytes / token (whole index dir) | lookup p50 ms | lookup p99 ms | spans / output |
+|---:|---:|---:|---:|---:|---:|---:|
+| {n_tok:,} | {len(docs):,} | {build_s:.1f} | {bpt:.2f} | {p50:.1f} | {p99:.1f} | {np.mean(n_spans):.1f} |
+"""
+            results = Path(__file__).resolve().parent / "RESULTS.md"
+            with open(results, "a") as f:
+                f.write(section)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

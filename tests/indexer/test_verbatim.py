@@ -1,0 +1,178 @@
+"""Verbatim-span provenance (issue 6): a real infini-gram suffix array over a generated corpus."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from indexer.errors import CorpusError, IndexerError, IndexNotFoundError
+from indexer.verbatim import (
+    MAX_OUTPUT_CHARS,
+    MAX_OUTPUT_TOKENS,
+    VerbatimError,
+    VerbatimIndex,
+    WordTokenizer,
+    build_verbatim_index,
+)
+
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "stone",
+    "light",
+    "market",
+    "garden",
+    "window",
+    "quiet",
+    "old",
+    "bright",
+    "small",
+    "city",
+    "road",
+    "walks",
+    "sings",
+    "builds",
+    "finds",
+    "carries",
+    "over",
+    "under",
+    "near",
+    "through",
+    "with",
+    "and",
+    "but",
+    "slowly",
+]
+PLANTED = "Zephyrine quartz lanterns hum beneath the cobalt orchard of Velmora"
+UNICODE = "Über café naïve façade — 東京の夜は静かです"
+
+
+def _sentence(rng: random.Random) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
+    return " ".join(words).capitalize() + "."
+
+
+def _corpus() -> list[dict]:
+    rng = random.Random(0)
+    docs = []
+    for i in range(300):
+        text = " ".join(_sentence(rng) for _ in range(rng.randint(2, 5)))
+        docs.append({"id": f"doc-{i}", "text": text, "metadata": {"source": "gen", "n": i}})
+    # planted passage, in the middle of document 137
+    docs[137]["text"] = f"{_sentence(rng)} {PLANTED}. {_sentence(rng)}"
+    docs[42]["text"] = f"{_sentence(rng)} Zitat: {UNICODE}! {_sentence(rng)}"
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[dict]:
+    return _corpus()
+
+
+@pytest.fixture(scope="module")
+def index(corpus: list[dict], tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("verbatim")
+    directory = build_verbatim_index(corpus, root / "idx")
+    with VerbatimIndex.open(directory) as idx:
+        yield idx
+
+
+def test_planted_passage_found_with_id_and_offsets(index: VerbatimIndex, corpus: list[dict]):
+    output = f"The model wrote: {PLANTED}. Then it stopped."
+    spans = index.spans(output, min_tokens=4)
+    planted = [s for s in spans if "Velmora" in s.text]
+    assert planted, spans
+    span = planted[0]
+    assert span.text == PLANTED + "."  # the sentence end belongs to the sentence
+    assert output[span.start : span.end] == span.text
+    assert span.count == 1
+    assert [d.id for d in span.documents] == ["doc-137"]
+    doc = span.documents[0]
+    text = corpus[137]["text"]
+    assert text[doc.start : doc.end] == span.text
+    assert doc.start == text.index(PLANTED)
+    assert PLANTED in doc.snippet
+    assert doc.metadata == {"source": "gen", "n": 137}
+    # the rare planted passage is ranked first
+    assert spans[0] is span
+
+
+def test_spans_do_not_cross_sentence_ends(index: VerbatimIndex):
+    # "...of Velmora" ends a sentence in the corpus, the output continues after the period
+    spans = index.spans(f"{PLANTED}. Zephyrine quartz lanterns", min_tokens=2)
+    for s in spans:
+        assert "." not in s.text[:-1]
+
+
+def test_common_span_lists_several_documents(index: VerbatimIndex):
+    common = [s for s in index.spans("the river and the", min_tokens=1, max_docs_per_span=3)]
+    assert all(len(s.documents) <= 3 for s in common)
+    assert any(s.count >= 1 for s in common)
+
+
+def test_unicode_offsets_are_character_offsets(index: VerbatimIndex, corpus: list[dict]):
+    output = f"ça dit: {UNICODE}"
+    spans = index.spans(output, min_tokens=3)
+    best = [s for s in spans if "東京の夜は静かです" in s.text]
+    assert best, spans
+    span = best[0]
+    assert output[span.start : span.end] == span.text
+    doc = span.documents[0]
+    assert doc.id == "doc-42"
+    assert corpus[42]["text"][doc.start : doc.end] == span.text
+
+
+def test_empty_and_no_match_outputs(index: VerbatimIndex):
+    assert index.spans("") == []
+    assert index.spans("   \n ") == []
+    assert index.spans("Xylophones juggle quasars tonight.") == []
+
+
+def test_over_long_output_names_the_limit(index: VerbatimIndex):
+    with pytest.raises(VerbatimError, match="MAX_OUTPUT_TOKENS"):
+        index.spans("word " * (MAX_OUTPUT_TOKENS + 1))
+    with pytest.raises(VerbatimError, match="MAX_OUTPUT_CHARS"):
+        index.spans("x" * (MAX_OUTPUT_CHARS + 1))
+
+
+def test_build_errors(tmp_path: Path):
+    with pytest.raises(CorpusError, match="empty"):
+        build_verbatim_index([], tmp_path / "a")
+    dup = [{"id": "x", "text": "one"}, {"id": "x", "text": "two"}]
+    with pytest.raises(CorpusError, match="duplicate"):
+        build_verbatim_index(dup, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(IndexNotFoundError):
+        VerbatimIndex.open(tmp_path / "nope")
+    build_verbatim_index([{"id": "x", "text": "one two three"}], tmp_path / "c")
+    with pytest.raises(IndexerError, match="already exists"):
+        build_verbatim_index([{"id": "x", "text": "one"}], tmp_path / "c")
+    build_verbatim_index([{"id": "y", "text": "four five six"}], tmp_path / "c", overwrite=True)
+    with VerbatimIndex.open(tmp_path / "c", load_to_ram=False) as idx:
+        assert idx.num_documents == 1
+        assert idx.spans("four five six")[0].documents[0].id == "y"
+        assert idx.count("one two") == 0
+    # only the index remains, no temporary directories
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_tokenizer_ids_over_u16_are_remapped(tmp_path: Path):
+    docs = [
+        {"id": "a", "text": "alpha beta gamma delta."},
+        {"id": "b", "text": "beta gamma epsilon."},
+    ]
+    tok = WordTokenizer.train(d["text"] for d in docs)
+    for i in range(70_000):  # pad the vocabulary past the u16 limit
+        tok.vocab[f"filler{i}"] = tok.vocab_size
+    tok.vocab["omega"] = tok.vocab_size  # a word whose id is above 65,535
+    docs.append({"id": "c", "text": "omega alpha beta gamma."})
+    build_verbatim_index(docs, tmp_path / "u32", tokenizer=tok)
+    with VerbatimIndex.open(tmp_path / "u32") as idx:
+        assert idx.token_dtype == "u16"  # only the ids the corpus uses are indexed
+        spans = idx.spans("so omega alpha beta", min_tokens=2)
+        assert [(s.text, [d.id for d in s.documents]) for s in spans] == [
+            ("omega alpha beta", ["c"])
+        ]
