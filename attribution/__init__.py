@@ -10,6 +10,7 @@ from attribution.errors import AttributionError
 from attribution.methods import (
     METHODS,
     TRAK,
+    AirRep,
     GradientSimilarity,
     InfluenceFunction,
     Method,
@@ -19,6 +20,7 @@ from attribution.methods import (
 from attribution.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 __all__ = [
+    "AirRep",
     "AttributionError",
     "CausalLMTask",
     "Checkpoint",

@@ -1,5 +1,6 @@
 """Attribution methods: one interface (query side · train side), many implementations."""
 
+from attribution.methods.airrep import AirRep, AirRepEncoder, group_score
 from attribution.methods.base import GradientMethod, Method
 from attribution.methods.influence import InfluenceFunction
 from attribution.methods.similarity import GradientSimilarity, TracIn
@@ -7,6 +8,8 @@ from attribution.methods.trak import TRAK
 
 __all__ = [
     "METHODS",
+    "AirRep",
+    "AirRepEncoder",
     "GradientMethod",
     "GradientSimilarity",
     "InfluenceFunction",
@@ -14,10 +17,11 @@ __all__ = [
     "TRAK",
     "TracIn",
     "build_method",
+    "group_score",
 ]
 
 #: method names as the indexer, CLI and API spell them
-METHODS = ("trak", "tracin", "graddot", "gradcos", "influence")
+METHODS = ("trak", "tracin", "graddot", "gradcos", "influence", "airrep")
 
 
 def build_method(name: str, task, **arguments) -> Method:
@@ -34,4 +38,6 @@ def build_method(name: str, task, **arguments) -> Method:
         return GradientSimilarity(task, kind=name[4:], **arguments)
     if name == "influence":
         return InfluenceFunction(task, **arguments)
+    if name == "airrep":
+        return AirRep(task, **arguments)
     raise AttributionError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")

@@ -1,0 +1,192 @@
+"""AirRep (issue 5): group score, encoder training on subset retraining, persistence, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution import AttributionError, datasets, models
+from attribution.data import Examples
+from attribution.evaluate import SubsetPlan, SubsetResults, lds, retrain_on_subsets
+from attribution.methods import METHODS, AirRep, build_method, group_score
+from attribution.methods.airrep import _masked_group_scores, ranknet_loss, subset_targets
+from attribution.tasks import ClassificationTask
+from attribution.training import TrainConfig
+
+torch.set_num_threads(1)
+
+N_TRAIN, N_DEV, N_TEST, N_SUBSETS = 200, 60, 60, 40
+SMALL = {"dim": 32, "hidden": 64}
+
+
+def _mlp(seed: int):
+    return models.mlp(hidden=32, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def digits_subsets():
+    """200 train digits; one retraining run over 40 half-subsets measured on dev + test at once.
+
+    The dev columns supervise AirRep; the test columns (never seen in training) give held-out LDS.
+    """
+    train, rest = datasets.load_digits_split(n_train=N_TRAIN, n_test=N_DEV + N_TEST, seed=1)
+    dev, test = rest.subset(list(range(N_DEV))), rest.subset(list(range(N_DEV, N_DEV + N_TEST)))
+    both = Examples(torch.cat([dev.x, test.x]), torch.cat([dev.y, test.y]))
+    config = TrainConfig(epochs=150, learning_rate=3e-2, weight_decay=1e-3, num_threads=1)
+    plan = SubsetPlan(N_TRAIN, 0.5, N_SUBSETS, seed=0)
+    results = retrain_on_subsets(
+        plan, _mlp, ClassificationTask, train, both, config, progress=False
+    )
+    dev_results = SubsetResults(
+        results.masks, results.outputs[:, :N_DEV], results.losses[:, :N_DEV], results.subset_ids
+    )
+    test_outputs = results.outputs[:, N_DEV:]
+    return train, dev, test, dev_results, results.masks, test_outputs
+
+
+@pytest.fixture(scope="module")
+def trained(digits_subsets):
+    train, dev, _, dev_results, _, _ = digits_subsets
+    task = ClassificationTask(_mlp(0))
+    method = AirRep(
+        task, device="cpu", subsets=dev_results, dev=dev, steps=200, learning_rate=3e-3, **SMALL
+    )
+    return method.fit(train)
+
+
+# --- the group score ---------------------------------------------------------------------------
+def test_group_score_matches_formula():
+    q = torch.tensor([1.0, -2.0, 0.5])
+    members = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [2.0, 1.0, 4.0]])
+    s = np.array([1.0, -2.0, 2.0])  # ⟨q, e_i⟩ by hand
+    a = np.exp(np.abs(s)) / np.exp(np.abs(s)).sum()
+    assert float(group_score(q, members)) == pytest.approx(float((a * s).sum()), rel=1e-6)
+    # several queries at once, and one-member groups equal the single inner product
+    queries = torch.stack([q, -q])
+    batch = group_score(queries, members)
+    assert batch.shape == (2,)
+    assert float(batch[1]) == pytest.approx(float(group_score(-q, members)), rel=1e-6)
+    for i in range(3):
+        assert float(group_score(q, members[i : i + 1])) == pytest.approx(s[i], rel=1e-6)
+
+
+def test_masked_subset_scores_match_group_score():
+    gen = torch.Generator().manual_seed(0)
+    dev, train = torch.randn(4, 5, generator=gen), torch.randn(9, 5, generator=gen)
+    masks = torch.rand(3, 9, generator=gen) > 0.4
+    attention = _masked_group_scores(dev, train, masks)
+    mean = _masked_group_scores(dev, train, masks, "mean")
+    for k in range(3):
+        assert torch.allclose(attention[k], group_score(dev, train[masks[k]]), atol=1e-6)
+        assert torch.allclose(mean[k], (dev @ train[masks[k]].T).mean(1), atol=1e-6)
+
+
+def test_group_score_bad_input():
+    with pytest.raises(AttributionError, match="empty"):
+        group_score(torch.ones(3), torch.ones(0, 3))
+    with pytest.raises(AttributionError, match="dimension"):
+        group_score(torch.ones(4), torch.ones(2, 3))
+
+
+def test_targets_and_ranknet_loss():
+    losses = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    t = subset_targets(losses)
+    assert np.allclose(t[:, 0], (2.0 - losses[:, 0]) / np.std(losses[:, 0]))
+    assert np.all(t[:, 1] == 0)  # constant loss: no signal
+    assert np.abs(subset_targets(np.array([[0.0], [0.0], [100.0]]) * [[1.0]])).max() <= 10
+    targets = torch.tensor([[1.0], [0.0]])
+    right = ranknet_loss(torch.tensor([[2.0], [0.0]]), targets)
+    wrong = ranknet_loss(torch.tensor([[0.0], [2.0]]), targets)
+    assert float(right) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-2.0))))
+    assert float(wrong) > float(right)
+
+
+# --- training ----------------------------------------------------------------------------------
+def test_training_lowers_ranking_loss_and_improves_heldout_lds(digits_subsets, trained):
+    train, dev, test, dev_results, masks, test_outputs = digits_subsets
+    task = ClassificationTask(_mlp(0))
+    baseline = AirRep(task, device="cpu", **SMALL).fit(train)  # same seeded init, no training
+    loss_before = AirRep(task, device="cpu", subsets=dev_results, dev=dev, **SMALL)
+    loss_before.encoder = baseline.encoder
+    before, after = loss_before.ranking_loss(train), trained.ranking_loss(train)
+    lds_before = lds(baseline.score(test), masks, test_outputs).mean
+    lds_after = lds(trained.score(test), masks, test_outputs).mean
+    print(
+        f"\nAirRep ranking loss {before:.3f} -> {after:.3f}; "
+        f"held-out test LDS untrained {lds_before:.3f} -> trained {lds_after:.3f}"
+    )
+    assert trained.history[-1] < trained.history[0]
+    assert after < before
+    assert lds_after > lds_before + 0.05
+
+
+def test_training_is_deterministic(digits_subsets, trained):
+    train, dev, _, dev_results, _, _ = digits_subsets
+    again = AirRep(
+        ClassificationTask(_mlp(0)),
+        device="cpu",
+        subsets=dev_results,
+        dev=dev,
+        steps=200,
+        learning_rate=3e-3,
+        **SMALL,
+    ).fit(train)
+    assert np.array_equal(again.train_vectors(), trained.train_vectors())
+
+
+def test_score_is_inner_product_and_group_score(digits_subsets, trained):
+    train, _, test, _, _, _ = digits_subsets
+    q, t = trained.query_vectors(test), trained.train_vectors()
+    assert t.shape == (N_TRAIN, SMALL["dim"])
+    assert np.allclose(trained.score(test), q @ t.T, atol=1e-5)
+    single = trained.group_score(test, [7])
+    assert np.allclose(single, (q @ t.T)[:, 7], atol=1e-5)
+    ids = np.flatnonzero(train.y.numpy() == 3)
+    expected = group_score(torch.from_numpy(q), torch.from_numpy(t[ids])).numpy()
+    assert np.allclose(trained.group_score(test, ids), expected, atol=1e-5)
+
+
+def test_save_load_and_state_dict_roundtrip(digits_subsets, trained, tmp_path):
+    train, _, test, _, _, _ = digits_subsets
+    path = trained.save(tmp_path / "enc.safetensors")
+    manifest = (tmp_path / "enc.safetensors.json").read_text()
+    assert '"trained": true' in manifest and '"steps": 200' in manifest
+    loaded = AirRep.load(path, ClassificationTask(_mlp(0)), device="cpu").fit(train)
+    assert np.allclose(loaded.score(test), trained.score(test), atol=1e-5)
+    fresh = build_method("airrep", ClassificationTask(_mlp(0)), device="cpu")
+    fresh.load_state_dict(trained.state_dict())
+    assert np.allclose(fresh.query_vectors(test), trained.query_vectors(test), atol=1e-6)
+    assert "airrep" in METHODS
+
+
+# --- bad input ---------------------------------------------------------------------------------
+def test_bad_input_raises(digits_subsets, trained, tmp_path):
+    train, dev, test, dev_results, _, _ = digits_subsets
+    with pytest.raises(AttributionError, match="empty"):
+        trained.group_score(test, [])
+    with pytest.raises(AttributionError, match="not in the corpus"):
+        trained.group_score(test, [0, N_TRAIN])
+    with pytest.raises(AttributionError, match="not in the corpus"):
+        trained.group_score(test, [-1])
+    with pytest.raises(AttributionError, match="dimension"):
+        trained.use_index(np.zeros((5, SMALL["dim"] + 1), np.float32))
+    with pytest.raises(AttributionError, match="dimension"):
+        AirRep(ClassificationTask(_mlp(0)), device="cpu", encoder=trained.encoder, dim=16)
+    other = AirRep(ClassificationTask(_mlp(0)), device="cpu", dim=16).fit(train)
+    with pytest.raises(AttributionError, match="dimension"):
+        other.load_state_dict(trained.state_dict())
+    with pytest.raises(AttributionError, match="shape"):
+        trained.query_vectors((torch.zeros(3, 10), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(AttributionError, match="input features"):
+        trained.encoder(torch.zeros(3, 10), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(AttributionError, match="subsets cover"):
+        AirRep(
+            ClassificationTask(_mlp(0)), device="cpu", subsets=dev_results, dev=dev, **SMALL
+        ).fit(train.subset(list(range(50))))
+    with pytest.raises(AttributionError, match="pooling"):
+        AirRep(ClassificationTask(_mlp(0)), device="cpu", pooling="max")
+    with pytest.raises(AttributionError, match="both"):
+        AirRep(ClassificationTask(_mlp(0)), device="cpu", subsets=dev_results)
+    with pytest.raises(AttributionError, match="manifest"):
+        AirRep.load(tmp_path / "missing.safetensors", ClassificationTask(_mlp(0)), device="cpu")
