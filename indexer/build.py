@@ -53,6 +53,7 @@ from indexer.layout import (
 )
 from indexer.methods import METHOD_NAMES, describe_method, make_method
 from indexer.paths import atomic_write_text, sha256_file
+from indexer.probe import PROBE, PROBE_RECORDS, make_probe, probe_fingerprint, write_probe
 from indexer.store import (
     VectorStore,
     choose_scale,
@@ -133,6 +134,8 @@ def build_index(
     engine = make_method(method, task, arguments, device)
     check_examples(task, corpus)
     faiss_index.check_kind(index_kind, index_params)
+    picks = np.random.default_rng(1).choice(len(corpus), min(PROBE_RECORDS, len(corpus)), replace=False)
+    probe = make_probe(engine, corpus.examples().subset(np.sort(picks)))
 
     plan = {
         "format": FORMAT, "name": name, "method": method, "arguments": engine.arguments(),
@@ -141,6 +144,8 @@ def build_index(
         "index_params": index_params or {}, "self_influence": self_influence,
         "recall_target": recall_target, "recall_queries": recall_queries,
         "flat_threshold": flat_threshold,
+        # how the engine featurizes today: a changed engine must not resume or reuse old shards
+        "featurization": probe_fingerprint(probe),
     }
     key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:24]
     directory = index_dir(Path(root), name)
@@ -168,6 +173,7 @@ def build_index(
         store = VectorStore(out, shards, dim, dtype, scale)
         queries = sample_queries(engine, corpus, recall_queries)
         save_npy(out / "recall_queries.npy", queries)
+        write_probe(out / PROBE, probe)
         if progress:
             progress("index", 0, 1)
         faiss_info = build_faiss(out, store, np.ones(store.rows, bool), queries, index_kind,
@@ -379,7 +385,9 @@ def finish_faiss(out: Path, index: Any, labels: np.ndarray | None, spec: faiss_i
     """Measure recall@10 against exact search, save the index and its label map."""
     k = min(10, int(live.sum()))
     recall: dict[str, Any] = {"k": k, "recall": 1.0, "queries": 0}
-    if len(queries) and k:
+    if spec.kind == "flat":  # exhaustive over the stored values: exact by construction
+        recall.update(recall_proponents=1.0, recall_opponents=1.0, exact=True)
+    elif len(queries) and k:
         truth_pro = faiss_index.exact_topk(queries, store.blocks(live, raw=True), k)
         truth_opp = faiss_index.exact_topk(-queries, store.blocks(live, raw=True), k)
         recall = faiss_index.tune(index, spec, queries, labels, truth_pro, truth_opp,
@@ -411,9 +419,8 @@ def _rescorer(store: VectorStore) -> Any:
 def file_digests(out: Path, self_influence: bool) -> dict[str, dict[str, Any]]:
     """Size and sha256 of the version's files other than vector shards (checked on open)."""
     names = ["state.safetensors", "ids.parquet", "deleted.npy", "records.sqlite", "index.faiss",
-             "recall_queries.npy", "scale.json"]
-    if (out / "faiss_labels.npy").is_file():
-        names.append("faiss_labels.npy")
+             "recall_queries.npy"]
+    names += [n for n in ("scale.json", PROBE, "faiss_labels.npy") if (out / n).is_file()]
     names += sorted(f"self_influence/{p.name}" for p in (out / "self_influence").glob("*.npy")) if self_influence else []
     return {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names}
 

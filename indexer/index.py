@@ -22,6 +22,7 @@ from indexer.cards import ModelCard, load_task, model_fingerprint
 from indexer.errors import IndexCorruptError, IndexerError, IndexMismatchError
 from indexer.layout import read_manifest, resolve_version
 from indexer.paths import sha256_file
+from indexer.probe import PROBE, check_probe
 from indexer.store import RecordStore, VectorStore, check_ids_known, load_ids, load_npy
 
 
@@ -264,6 +265,7 @@ class AttributionIndex:
                 "computed elsewhere, or use TRAK / TracIn / Grad-Dot"
             )
         method.load_state_dict(state)
+        check_probe(self.path / PROBE, method, f"index {self.name}@{self.version}")
         return method
 
     def check_model(self, card: ModelCard) -> None:

@@ -61,8 +61,9 @@ def _start_version(base: AttributionIndex, out: Path) -> None:
         si = base.path / "self_influence" / Path(shard["file"]).name
         if si.is_file():
             link_or_copy(si, out / "self_influence" / si.name)
-    for name in ("state.safetensors", "recall_queries.npy", "scale.json"):
-        link_or_copy(base.path / name, out / name)
+    for name in ("state.safetensors", "recall_queries.npy", "scale.json", "probe.npz"):
+        if (base.path / name).is_file():
+            link_or_copy(base.path / name, out / name)
 
 
 def add_records(

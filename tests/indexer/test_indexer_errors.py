@@ -155,3 +155,23 @@ def test_bad_build_requests(setup: Setup, tmp_path: Path) -> None:
     with pytest.raises(IndexerError, match="outside the data root"):
         build_index(setup.card, setup.corpus, data_root=tmp_path, **common)
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").rglob("*.npy"))
+
+
+def test_engine_featurizing_differently_is_caught(fresh_root: Path, setup: Setup, monkeypatch) -> None:
+    """Another projection (e.g. a changed attribution version) must not score silently."""
+    import attribution.methods.base as base
+
+    original = base.derive_seed
+    monkeypatch.setattr(base, "derive_seed", lambda seed, *parts: original(seed + 1, *parts))
+    with pytest.raises(IndexMismatchError, match="featurizes queries differently"):
+        AttributionIndex.open("digits", root=fresh_root).query_vectors(setup.test)
+    # the same build request no longer matches the published plan: it builds anew
+    rebuilt = build_index(setup.card, setup.corpus, name="digits", root=fresh_root,
+                          method_args={"proj_dim": 64}, shard_size=100, dtype="float32",
+                          show_progress=False, recall_queries=50)
+    assert not rebuilt.reused and rebuilt.version == "v0002"
+    monkeypatch.setattr(base, "derive_seed", original)
+    old = AttributionIndex.open("digits", root=fresh_root, version="v0001")
+    assert old.query_vectors(setup.test).shape == (20, 128)
+    with pytest.raises(IndexMismatchError, match="featurizes queries differently"):
+        AttributionIndex.open("digits", root=fresh_root).query_vectors(setup.test)
