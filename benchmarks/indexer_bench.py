@@ -7,6 +7,7 @@ d = 2048: four checkpoints of the same run × proj_dim 512 (TRAK's checkpoint en
 
     python benchmarks/indexer_bench.py throughput --n 20000
     python benchmarks/indexer_bench.py queries --n 100000 --d 512 --kinds flat ivf_flat ivf_pq hnsw
+    python benchmarks/indexer_bench.py latency --n 1000000 --d 512   # re-time every kind built
     python benchmarks/indexer_bench.py render      # markdown table of everything measured
 
 Results accumulate in ``<workdir>/results.json`` (default ``/tmp/tda-indexer-bench``).
@@ -291,6 +292,35 @@ def published_kind(directory: Path, kind: str) -> str | None:
     return None
 
 
+def latency(workdir: Path, n: int, d: int, count: int) -> None:
+    """Re-time every published FAISS kind of the n × d index: ``count`` single queries per
+    direction (proponents and opponents), nothing else running in this process."""
+    from indexer.index import AttributionIndex
+    from indexer.layout import read_manifest, versions
+
+    directory = workdir / "indexes" / f"digits-{n}-{d}"
+    q = None
+    for version in versions(directory):
+        kind = read_manifest(directory / "versions" / version)["faiss"]["kind"]
+        index = AttributionIndex.open(directory / "versions" / version)
+        if q is None:
+            q = index.query_vectors(held_out_queries(count))
+        for i in range(10):
+            index.topk(q[i], k=10)
+        row = {"n": n, "d": d, "kind": kind, "version": version, "queries": count, "load": load_average()}
+        for direction, opponents in (("proponents", False), ("opponents", True)):
+            times = []
+            for i in range(count):
+                t = time.perf_counter()
+                index.topk(q[i], k=10, opponents=opponents)
+                times.append(time.perf_counter() - t)
+            row[f"{direction}_p50_ms"] = percentile_ms(times, 50)
+            row[f"{direction}_p99_ms"] = percentile_ms(times, 99)
+        record(workdir, f"latency/digits-{n}-{d}/{kind}", row)
+        del index
+        gc.collect()
+
+
 # --- report ----------------------------------------------------------------------------------
 def render(workdir: Path) -> None:
     results = json.loads((workdir / "results.json").read_text())
@@ -303,6 +333,14 @@ def render(workdir: Path) -> None:
               f"{r['batch64_p50_ms']} / {r['batch64_p99_ms']} | {r['recall_at_10']:.3f} / {r['recall_at_10_opponents']:.3f} | "
               f"{r['faiss_bytes_per_vector']:.0f} | {r['shard_bytes_per_vector']:.0f} | {r['faiss_build_seconds']} | {r['load']} |")
     print()
+    lat = sorted((k, v) for k, v in results.items() if k.startswith("latency/"))
+    if lat:
+        print("| n | d | index | proponents p50 / p99 ms | opponents p50 / p99 ms | queries | load avg |")
+        print("|---|---|---|---|---|---|---|")
+        for _key, r in lat:
+            print(f"| {r['n']:,} | {r['d']} | {r['kind']} | {r['proponents_p50_ms']} / {r['proponents_p99_ms']} | "
+                  f"{r['opponents_p50_ms']} / {r['opponents_p99_ms']} | {r['queries']} | {r['load']} |")
+        print()
     for key, r in sorted(results.items()):
         if key.startswith("build/"):
             print(f"- build {key[6:]}: {r['seconds']} s, {r['examples_per_s']} examples/s (load {r['load']})")
@@ -323,6 +361,10 @@ def main() -> None:
     qp.add_argument("--singles", type=int, default=300)
     qp.add_argument("--batches", type=int, default=15)
     qp.add_argument("--queries", type=int, default=500, help="held-out queries for recall")
+    lp = sub.add_parser("latency")
+    lp.add_argument("--n", type=int, default=1_000_000)
+    lp.add_argument("--d", type=int, choices=(512, 2048), default=512)
+    lp.add_argument("--queries", type=int, default=1000)
     sub.add_parser("render")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -330,6 +372,8 @@ def main() -> None:
         throughput(args.workdir, args.n)
     elif args.command == "queries":
         queries(args.workdir, args.n, args.d, args.kinds, args.singles, args.batches, args.queries)
+    elif args.command == "latency":
+        latency(args.workdir, args.n, args.d, args.queries)
     else:
         render(args.workdir)
 

@@ -135,7 +135,8 @@ def build_index(
     check_examples(task, corpus)
     faiss_index.check_kind(index_kind, index_params)
     picks = np.random.default_rng(1).choice(len(corpus), min(PROBE_RECORDS, len(corpus)), replace=False)
-    probe = make_probe(engine, corpus.examples().subset(np.sort(picks)))
+    probe_examples = corpus.examples().subset(np.sort(picks))
+    fingerprint_now = featurization_fingerprint(engine, probe_examples)
 
     plan = {
         "format": FORMAT, "name": name, "method": method, "arguments": engine.arguments(),
@@ -145,7 +146,7 @@ def build_index(
         "recall_target": recall_target, "recall_queries": recall_queries,
         "flat_threshold": flat_threshold,
         # how the engine featurizes today: a changed engine must not resume or reuse old shards
-        "featurization": probe_fingerprint(probe),
+        "featurization": fingerprint_now,
     }
     key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:24]
     directory = index_dir(Path(root), name)
@@ -173,7 +174,7 @@ def build_index(
         store = VectorStore(out, shards, dim, dtype, scale)
         queries = sample_queries(engine, corpus, recall_queries)
         save_npy(out / "recall_queries.npy", queries)
-        write_probe(out / PROBE, probe)
+        write_probe(out / PROBE, make_probe(engine, probe_examples))  # with the fitted state
         if progress:
             progress("index", 0, 1)
         faiss_info = build_faiss(out, store, np.ones(store.rows, bool), queries, index_kind,
@@ -197,6 +198,17 @@ def build_index(
     _remove_if_empty(directory / "staging")
     path = directory / "versions" / version
     return BuildResult(path, version, read_manifest(path), resumed)
+
+
+def featurization_fingerprint(engine: Any, examples: Any) -> str | None:
+    """How the engine featurizes queries today (see :mod:`indexer.probe`); None for methods whose
+    query side needs the fitted state (AirRep's encoder, CG/LiSSA)."""
+    from attribution.errors import AttributionError
+
+    try:
+        return probe_fingerprint(make_probe(engine, examples))
+    except AttributionError:
+        return None
 
 
 def new_manifest(name: str, key: str, method: str, engine: Any, card: ModelCard,

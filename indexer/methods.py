@@ -7,8 +7,10 @@ from typing import Any
 
 from indexer.errors import IndexerError
 
-#: every method an index can be built with (``airrep`` joins when the engine has it)
-METHOD_NAMES = ("trak", "tracin", "graddot", "gradcos", "influence")
+try:  # every method the engine registers (``airrep`` included once it exists)
+    from attribution.methods import METHODS as METHOD_NAMES
+except ImportError:  # pragma: no cover - an older engine
+    METHOD_NAMES = ("trak", "tracin", "graddot", "gradcos", "influence")
 
 
 def make_method(name: str, task: Any, arguments: dict[str, Any] | None = None,
