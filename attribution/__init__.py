@@ -18,6 +18,7 @@ from attribution.methods import (
     build_method,
 )
 from attribution.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+from attribution.version import FEATURIZER_VERSION
 
 __all__ = [
     "AirRep",
@@ -26,6 +27,7 @@ __all__ = [
     "Checkpoint",
     "ClassificationTask",
     "Examples",
+    "FEATURIZER_VERSION",
     "GradientSimilarity",
     "InfluenceFunction",
     "METHODS",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
@@ -229,10 +230,8 @@ class EKFACFactors:
     """
 
     def __init__(self, task: Task, examples: Examples, batch_size: int, seed: int = 0) -> None:
-        self.layers: list[Layer] = [
-            layer for layer in supported_layers(task.model) if layer.kind != "embedding"
-        ]
-        capture = LayerCapture(self.layers)
+        self._attach(task)
+        capture = self.capture
         n = len(examples)
         a_cov = [torch.zeros(layer.d_in, layer.d_in) for layer in self.layers]
         s_cov = [torch.zeros(layer.d_out, layer.d_out) for layer in self.layers]
@@ -252,7 +251,37 @@ class EKFACFactors:
             for i, rotated in enumerate(self._rotated(captured)):
                 self.eigenvalues[i] += (rotated**2).sum(0)
         self.eigenvalues = [e / n for e in self.eigenvalues]
-        self.capture = capture
+
+    def _attach(self, task: Task) -> None:
+        """The layers EK-FAC covers in ``task.model`` and the hooks that capture them."""
+        self.layers: list[Layer] = [
+            layer for layer in supported_layers(task.model) if layer.kind != "embedding"
+        ]
+        self.capture = LayerCapture(self.layers)
+
+    @classmethod
+    def from_state(cls, task: Task, state: dict, prefix: str) -> EKFACFactors:
+        """Factors saved by :meth:`state` for the same architecture, without refitting."""
+        factors = cls.__new__(cls)
+        factors._attach(task)
+        try:
+            for name in ("q_a", "q_s", "eigenvalues"):
+                setattr(factors, name, [
+                    torch.as_tensor(np.asarray(state[f"{prefix}.{name}.{i}"]), dtype=torch.float32)
+                    for i in range(len(factors.layers))
+                ])
+        except KeyError as err:
+            raise AttributionError(f"EK-FAC state is missing {err}; was it saved by EK-FAC?") from err
+        for layer, q_a, q_s, lam in zip(
+            factors.layers, factors.q_a, factors.q_s, factors.eigenvalues, strict=True
+        ):
+            if q_a.shape != (layer.d_in,) * 2 or lam.shape != (layer.d_out, layer.d_in) \
+                    or q_s.shape != (layer.d_out,) * 2:
+                raise AttributionError(
+                    f"EK-FAC state does not fit layer {layer.name} ({layer.d_out}×{layer.d_in}): "
+                    "it was saved for another architecture"
+                )
+        return factors
 
     @staticmethod
     def _sampled(task: Task, examples: Examples, batch_size: int, seed: int):

@@ -14,6 +14,7 @@ from −∇L_i: a positive score means "training on i increased the test's measu
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -45,6 +46,8 @@ class Task:
         if not isinstance(model, nn.Module):
             raise AttributionError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         self.model = model
+        #: held while a method computes with the model: checkpoints are swapped in place
+        self.lock = threading.RLock()
         self.checkpoints = as_checkpoints(checkpoints, learning_rates, model)
         self.loaded_checkpoint: int | None = None
         for index, checkpoint in enumerate(self.checkpoints):

@@ -460,9 +460,12 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             return "unknown"
 
+    from attribution.version import FEATURIZER_VERSION
+
     return {"python": platform.python_version(), "numpy": np.__version__,
             "torch": torch.__version__, "faiss": faiss.__version__,
-            "pyarrow": version("pyarrow"), "tdaserve": version("tdaserve")}
+            "pyarrow": version("pyarrow"), "tdaserve": version("tdaserve"),
+            "featurizer": str(FEATURIZER_VERSION)}
 
 
 def _now() -> str:

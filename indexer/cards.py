@@ -128,7 +128,11 @@ def load_card(path: str | os.PathLike[str], data_root: Path | None = None) -> Mo
     card_path = confine(path, data_root, what="model card")
     if not card_path.is_file():
         raise IndexerError(f"model card {path} not found (looked at {card_path})")
-    card = parse_card(card_path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CardError(str(path), [f"not UTF-8 text (a card is YAML or JSON): {err}"]) from err
+    card = parse_card(text, str(path))
     return resolve_paths(card, card_path.parent, data_root, str(path))
 
 

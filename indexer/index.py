@@ -248,6 +248,7 @@ class AttributionIndex:
 
         card = self.card
         self.check_model(card)
+        self.check_featurizer()
         task = load_task(card)
         entry = self.manifest["method"]
         method = make_method(entry["name"], task, entry["arguments"])
@@ -267,6 +268,18 @@ class AttributionIndex:
         method.load_state_dict(state)
         check_probe(self.path / PROBE, method, f"index {self.name}@{self.version}")
         return method
+
+    def check_featurizer(self) -> None:
+        """Raise :class:`IndexMismatchError` when another featurizer version built the index."""
+        from attribution.version import FEATURIZER_VERSION
+
+        built = self.manifest.get("libraries", {}).get("featurizer")
+        if built is not None and built != str(FEATURIZER_VERSION):
+            raise IndexMismatchError(
+                f"index {self.name}@{self.version} was featurized by featurizer version {built}, "
+                f"this engine is version {FEATURIZER_VERSION}: queries would not match the stored "
+                "vectors. Rebuild the index with this version"
+            )
 
     def check_model(self, card: ModelCard) -> None:
         """Raise :class:`IndexMismatchError` unless ``card``'s weights are the ones indexed."""

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from attribution.storage import power_of_two_scale
 from indexer.errors import IndexCorruptError, IndexerError
 
 
@@ -66,16 +67,8 @@ def to_float32(array: np.ndarray) -> np.ndarray:
 
 
 def choose_scale(vectors: np.ndarray) -> float:
-    """A power of two that maps the largest |value| to [16, 32): fp16 keeps ~11 significant bits
-    for values down to 4e-6 of it and overflows only past 2000× of it.
-
-    TRAK vectors are tiny (|x| ~ 1e-7 with a large λ), far into fp16's subnormal range, where
-    storing them unscaled loses most of their precision. Scaling by 2^e is exact in float32.
-    """
-    peak = float(np.max(np.abs(vectors))) if vectors.size else 0.0
-    if not np.isfinite(peak) or peak == 0.0:
-        return 1.0
-    return float(2.0 ** (4 - np.floor(np.log2(peak))))
+    """A power of two for float16 shards (see :func:`attribution.storage.power_of_two_scale`)."""
+    return power_of_two_scale(vectors)
 
 
 def quantize(vectors: np.ndarray, dtype: str, scale: float) -> np.ndarray:

@@ -199,15 +199,7 @@ def rebuild_faiss(
         manifest["faiss"] = build_faiss(out, store, base.live, queries, kind, params, target, flat_threshold)
         manifest["history"].append({"op": "reindex", "at": _iso(time.time()), "base": base.version,
                                     "kind": manifest["faiss"]["kind"], "params": manifest["faiss"]["params"]})
-        manifest["version"] = None
-        manifest["files"] = file_digests(out, manifest["self_influence"])
-        write_manifest(out, manifest)
-        version = publish(directory, out)
-        write_current(directory, version)
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_if_empty(staging.parent)
-        base.close()
-        return AttributionIndex.open(directory / "versions" / version)
+        return _publish(directory, base, manifest, out, staging)
 
 
 def retune(
@@ -281,6 +273,12 @@ def _finish(directory: Path, base: AttributionIndex, manifest: dict[str, Any], o
     manifest["drift"] = drift(old["rows_at_fit"], old["added_since_fit"] + added,
                               old["deleted_since_fit"] + deleted)
     manifest["history"].append({**history, "at": _iso(time.time()), "base": base.version})
+    return _publish(directory, base, manifest, out, staging)
+
+
+def _publish(directory: Path, base: AttributionIndex, manifest: dict[str, Any], out: Path,
+             staging: Path) -> AttributionIndex:
+    """Write the manifest into ``out``, publish it as the next version, make it current."""
     manifest["version"] = None
     manifest["files"] = file_digests(out, manifest["self_influence"])
     write_manifest(out, manifest)

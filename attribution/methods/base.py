@@ -17,6 +17,7 @@ from attribution.data import Examples, as_examples
 from attribution.errors import AttributionError
 from attribution.gradients import Featurizer, make_featurizer
 from attribution.projectors import derive_seed
+from attribution.storage import STORAGE_DTYPES, decode, encode
 from attribution.tasks import Measurement, Task
 
 
@@ -30,12 +31,12 @@ class MethodArguments:
     """Knobs every method shares; subclasses add their own fields."""
 
     batch_size: int = 64
-    storage_dtype: str = "float32"  # "float32" or "float16" for the stored train vectors
+    storage_dtype: str = "float32"  # train vectors at rest: "float32" or scaled "float16"
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise AttributionError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.storage_dtype not in ("float32", "float16"):
+        if self.storage_dtype not in STORAGE_DTYPES:
             raise AttributionError(
                 f"storage_dtype must be 'float32' or 'float16', got {self.storage_dtype!r}"
             )
@@ -62,7 +63,8 @@ class Method:
         self.task = task
         self.device = torch.device(device) if device is not None else default_device()
         self.task.model.to(self.device)
-        self._train: np.ndarray | None = None
+        self._train: np.ndarray | None = None  # as stored: see attribution.storage
+        self._train_scale = 1.0
         self._state_ready = False
         self.n_train = 0
 
@@ -75,33 +77,54 @@ class Method:
         ``finalize_state`` → ``transform_train`` per shard.
         """
         examples = self._examples(train, "train")
-        self.prepare(examples)
-        raw = self.featurize_train(examples)
-        self.observe(raw)
-        self.finalize_state()
-        self._train = self.transform_train(raw)
+        with self.task.lock:  # checkpoints are swapped into the one model in place
+            self.prepare(examples)
+            raw = self.featurize_train(examples)
+            self.observe(raw)
+            self.finalize_state()
+            vectors = self.transform_train(raw)
+        self._train, self._train_scale = encode(vectors, self.args.storage_dtype)
         self.n_train = len(examples)
         return self
 
     def train_vectors(self) -> np.ndarray:
-        """Train-side vectors, one row per training example (n_train, dim)."""
+        """Train-side vectors as float32, one row per training example (n_train, dim).
+
+        With ``storage_dtype="float16"`` they are kept scaled by a power of two and decoded here
+        (see :mod:`attribution.storage`); :attr:`stored_train` is the array at rest.
+        """
+        return decode(self.stored_train, self._train_scale)
+
+    @property
+    def stored_train(self) -> np.ndarray:
+        """Train vectors as kept in memory (``storage_dtype``, times :attr:`train_scale`)."""
         if self._train is None:
             raise AttributionError(f"{type(self).__name__} is not fitted: call fit(train) first")
         return self._train
 
+    @property
+    def train_scale(self) -> float:
+        """The power of two :attr:`stored_train` was multiplied by (1 for float32)."""
+        return self._train_scale
+
     def query_vectors(self, data: object, measurement: Measurement = "output") -> np.ndarray:
-        """Query-side vectors (n, dim) of ``data``: gradients of its measurement, mapped."""
+        """Query-side vectors (n, dim) of ``data``: gradients of its measurement, mapped.
+
+        Safe to call from several threads: the task's lock serialises the checkpoint swaps.
+        """
         if self.query_needs_state and not self._state_ready:
             raise AttributionError(
                 f"{type(self).__name__} needs fit(train) (or load_state_dict) before queries"
             )
         examples = self._examples(data, "query")
-        return self._query(examples, measurement).astype(np.float32, copy=False)
+        with self.task.lock:
+            queries = self._query(examples, measurement)
+        return queries.astype(np.float32, copy=False)
 
     def score(self, test: object, measurement: Measurement = "output") -> np.ndarray:
         """Scores (n_test, n_train): higher = training example more helpful to the test one."""
         queries = self.query_vectors(test, measurement)
-        return queries @ self.train_vectors().astype(np.float32, copy=False).T
+        return queries @ self.train_vectors().T
 
     def arguments(self) -> dict[str, Any]:
         """Every knob, JSON-friendly, for manifests and results."""
@@ -129,8 +152,8 @@ class Method:
         self._state_ready = True
 
     def transform_train(self, raw: np.ndarray) -> np.ndarray:
-        """Map raw features to stored train vectors using the fitted state."""
-        return raw.astype(self.args.storage_dtype, copy=False)
+        """Map raw features to float32 train vectors using the fitted state."""
+        return raw.astype(np.float32, copy=False)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Fitted state needed to transform new train rows and to answer queries."""

@@ -100,8 +100,9 @@ class InfluenceFunction(GradientMethod):
         self, task, solver: str = "exact", damping: float | None = None, device=None, **kwargs
     ) -> None:
         super().__init__(task, device, solver=solver, damping=damping, **kwargs)
-        self.query_needs_state = solver in ("cg", "lissa")  # type: ignore[misc]
-        self.indexable = not self.query_needs_state  # type: ignore[misc]
+        # CG/LiSSA solve against the train set per query; EK-FAC queries use its fitted layers
+        self.query_needs_state = solver in ("cg", "lissa", "ekfac")  # type: ignore[misc]
+        self.indexable = solver in ("exact", "ekfac")  # type: ignore[misc]
         self.dampings: dict[int, float | list[float]] = {}
         self._cholesky: dict[int, torch.Tensor] = {}
         self._ekfac: dict[int, EKFACFactors] = {}
@@ -269,6 +270,31 @@ class InfluenceFunction(GradientMethod):
                 state.update({k: v.numpy() for k, v in self._ekfac[c].state(f"ekfac.{c}").items()})
         state["n_train"] = np.asarray(self._n)
         return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore dampings and the exact Cholesky / EK-FAC factors saved by :meth:`state_dict`.
+
+        CG and LiSSA solve against the train set per query, which a state cannot carry.
+        """
+        if self.args.solver not in ("exact", "ekfac"):
+            raise AttributionError(
+                f"solver={self.args.solver!r} needs the train set for every query: call fit(train)"
+            )
+        try:
+            self._n = self.n_train = int(state["n_train"])
+            for c in self.args.checkpoints:
+                damping = np.asarray(state[f"damping.{c}"], dtype=np.float64)
+                self.dampings[c] = float(damping) if damping.ndim == 0 else damping.tolist()
+                if self.args.solver == "exact":
+                    self._cholesky[c] = torch.as_tensor(state[f"cholesky.{c}"]).to(self.device)
+                else:
+                    self.task.load_checkpoint(c)
+                    self._ekfac[c] = EKFACFactors.from_state(self.task, state, f"ekfac.{c}")
+        except KeyError as err:
+            raise AttributionError(
+                f"influence state is missing {err}; was it saved by solver={self.args.solver!r}?"
+            ) from err
+        self._state_ready = True
 
     def arguments(self) -> dict:
         args = super().arguments()

@@ -89,7 +89,7 @@ class TRAK(GradientMethod):
     def transform_train(self, raw: np.ndarray) -> np.ndarray:
         scale = len(self.args.checkpoints) ** -0.5
         parts = [(phi @ self._inverse[c]) * q[:, None] * scale for c, phi, q in self._split(raw)]
-        return np.concatenate(parts, axis=1).astype(self.args.storage_dtype, copy=False)
+        return np.concatenate(parts, axis=1).astype(np.float32, copy=False)
 
     def _query(self, examples: Examples, measurement: Measurement) -> np.ndarray:
         scale = len(self.args.checkpoints) ** -0.5

@@ -11,6 +11,7 @@ from torch import nn
 
 from attribution import (
     TRAK,
+    AttributionError,
     ClassificationTask,
     GradientSimilarity,
     InfluenceFunction,
@@ -221,9 +222,51 @@ def test_float16_storage_keeps_scores(small_mlp, digits_small):
     half = TRAK(
         ClassificationTask(copy.deepcopy(small_mlp)), proj_dim=64, storage_dtype="float16"
     ).fit(train)
-    assert half.train_vectors().dtype == np.float16
+    assert half.stored_train.dtype == np.float16 and half.train_vectors().dtype == np.float32
+    peak = np.abs(full.train_vectors()).max()
+    assert peak < 1e-3  # TRAK's vectors sit far below float16's normal range (6e-5) ...
+    assert 16 <= np.abs(half.stored_train).max() < 32  # ... so they are stored scaled by 2^e
+    np.testing.assert_allclose(half.train_vectors(), full.train_vectors(), atol=2e-3 * peak)
     a, b = full.score(test), half.score(test)
-    assert np.abs(a - b).max() < 1e-2 * np.abs(a).max()
+    assert np.abs(a - b).max() < 2e-3 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("solver", ["exact", "ekfac"])
+def test_influence_state_round_trip(small_mlp, digits_small, solver):
+    """A restored state answers queries and featurizes new rows exactly like the fitted one."""
+    train, test = digits_small
+    task = ClassificationTask(copy.deepcopy(small_mlp))
+    fitted = InfluenceFunction(task, solver=solver, proj_dim=32).fit(train)
+    restored = InfluenceFunction(task, solver=solver, proj_dim=32)
+    restored.load_state_dict(fitted.state_dict())
+    assert restored.n_train == len(train[0]) and restored.dampings == fitted.dampings
+    np.testing.assert_allclose(restored.query_vectors(test), fitted.query_vectors(test), rtol=1e-6)
+    rows = restored._examples((train[0][:20], train[1][:20]), "train")
+    np.testing.assert_allclose(
+        restored.transform_train(restored.featurize_train(rows)),
+        fitted.train_vectors()[:20], rtol=1e-4, atol=1e-7 * np.abs(fitted.train_vectors()).max(),
+    )
+    with pytest.raises(AttributionError, match="missing"):
+        InfluenceFunction(task, solver=solver, proj_dim=32).load_state_dict({"n_train": 1})
+    with pytest.raises(AttributionError, match="needs the train set"):
+        InfluenceFunction(task, solver="cg").load_state_dict(fitted.state_dict())
+
+
+def test_concurrent_queries_match_sequential(digits_small):
+    """Threads querying one multi-checkpoint method do not see each other's checkpoint swaps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    train, test = digits_small
+    model, states, lrs = _trajectory(digits_small)
+    method = TRAK(ClassificationTask(model, checkpoints=states, learning_rates=lrs), proj_dim=32)
+    method.fit(train)
+    batches = [(test[0][i::4], test[1][i::4]) for i in range(4)]
+    expected = [method.query_vectors(batch) for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(method.query_vectors, batches))
+            for a, b in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_same_seed_same_scores_other_seed_other_projection(digits_small):

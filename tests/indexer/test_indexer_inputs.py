@@ -79,6 +79,13 @@ def test_card_reports_every_problem_by_field(setup: Setup, tmp_path: Path) -> No
         parse_card("task: [unclosed")
 
 
+def test_binary_card_is_a_card_error(tmp_path: Path) -> None:
+    card = tmp_path / "card.yaml"
+    card.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(CardError, match="not UTF-8"):
+        load_card(card)
+
+
 def test_entry_point_must_be_registered(setup: Setup, tmp_path: Path, monkeypatch) -> None:
     checkpoint = setup.checkpoints[0]
     text = (f"task: classification\narchitecture: {{entry_point: my-mlp, config: {{hidden: 32}}}}\n"

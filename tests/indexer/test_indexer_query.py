@@ -8,7 +8,6 @@ from indexer_fixtures import TRAK_ARGS, Setup, engine_task
 
 from attribution import build_method, self_influence, value
 from indexer.build import build_index
-from indexer.errors import IndexerError
 from indexer.index import AttributionIndex
 
 
@@ -106,19 +105,19 @@ def test_rebuild_of_same_plan_is_reused(setup: Setup, fresh_root) -> None:
     assert again.reused and again.version == "v0001"
 
 
-def test_influence_train_side_is_indexed(setup: Setup, tmp_path) -> None:
-    """Exact influence with H⁻¹ applied to the train side: index scores equal the engine's."""
+@pytest.mark.parametrize("solver", ["exact", "ekfac"])
+def test_influence_train_side_is_indexed(setup: Setup, tmp_path, solver: str) -> None:
+    """Influence with H⁻¹ (exact or EK-FAC) applied to the train side: the index restores the
+    fitted state, featurizes queries like the engine and scores like it."""
+    args = {"solver": solver, "checkpoints": [1], "proj_dim": 64}
     result = build_index(setup.card, setup.corpus, name="influence", root=tmp_path, method="influence",
-                         method_args={"solver": "exact", "checkpoints": [1], "proj_dim": 64}, shard_size=240, dtype="float32",
+                         method_args=args, shard_size=240, dtype="float32",
                          show_progress=False, self_influence=False, recall_queries=20)
     index = AttributionIndex.open(result.path)
-    engine = build_method("influence", engine_task(setup), solver="exact", checkpoints=[1],
-                          proj_dim=64).fit(setup.train)
-    try:
-        queries = index.query_vectors(setup.test)
-    except IndexerError as err:  # until the engine can restore InfluenceFunction's state
-        assert "load_state_dict" in str(err)
-        queries = engine.query_vectors(setup.test)
+    engine = build_method("influence", engine_task(setup), **args).fit(setup.train)
+    queries = index.query_vectors(setup.test)
+    np.testing.assert_allclose(queries, engine.query_vectors(setup.test), rtol=1e-5,
+                               atol=1e-6 * np.abs(queries).max())
     expected = engine.score(setup.test)
     np.testing.assert_allclose(index.scores_for(queries, index.ids), expected, rtol=1e-4,
                                atol=1e-5 * np.abs(expected).max())
