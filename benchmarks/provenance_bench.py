@@ -1,17 +1,25 @@
-"""Provenance benchmark (issue 6, verbatim half): infini-gram index build and span lookup.
+"""Provenance benchmark (issue 6): verbatim-span index build and lookup; gradient featurization.
 
-Generated corpus: documents of Zipf-distributed words (vocabulary 30,000 synthetic words),
-3-6 sentences of 8-20 words each. Queries: 500-token outputs made of random sentences with two
-60-token passages copied verbatim from random corpus documents.
+Verbatim half — generated corpus: documents of Zipf-distributed words (vocabulary 30,000
+synthetic words), 3-6 sentences of 8-20 words each. Queries: 500-token outputs made of random
+sentences with two 60-token passages copied verbatim from random corpus documents.
 
-    python benchmarks/provenance_bench.py --tokens 10000000 --queries 100
-    python benchmarks/provenance_bench.py --tokens 10000000 --write   # append to RESULTS.md
+Gradient half — the demo tiny GPT-2 (indexer/demo_lm.py) trained here on its corpus; train-side
+features of the corpus (repeated to --grad-docs documents) with the engine's factored (LoGra)
+projection, one CPU thread; throughput in corpus tokens (padding excluded) per second.
+
+The final figures (quiet machine; the 10M-token run takes a few minutes):
+
+    python benchmarks/provenance_bench.py --tokens 10000000 --queries 100 --write
+    python benchmarks/provenance_bench.py --skip-verbatim                 # gradient part only
+    python benchmarks/provenance_bench.py --tokens 1000000 --skip-gradient  # a quick check
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shutil
 import sys
@@ -80,13 +88,92 @@ def make_output(rng, docs, words, probs, idx: VerbatimIndex, n_tokens: int = 500
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=10_000_000)
-    ap.add_argument("--queries", type=int, default=100)
-    ap.add_argument("--write", action="store_true", help="append a section to RESULTS.md")
-    args = ap.parse_args()
+def command() -> str:
+    """The command line this run was started with (recorded next to its figures)."""
+    return " ".join(["python benchmarks/provenance_bench.py", *sys.argv[1:]])
 
+
+def gradient_throughput(docs: int, proj_dim: int, method: str) -> dict[str, float]:
+    """Train-side featurization of the demo LM's corpus: tokens and documents per second."""
+    import torch
+
+    from attribution.methods import build_method
+    from indexer.build import read_corpus
+    from indexer.cards import load_card, load_task
+    from indexer.demo_lm import write_demo_lm
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="tda-prov-grad-"))
+    try:
+        t0 = time.perf_counter()
+        demo = write_demo_lm(work)
+        train_s = time.perf_counter() - t0
+        card = load_card(demo.card)
+        corpus = read_corpus(demo.corpus, card, None)
+        engine = build_method(method, load_task(card), proj_dim=proj_dim, gradient="factored")
+        reps = -(-docs // len(corpus))
+        examples = corpus.examples()
+        x, y = examples.x.repeat(reps, 1)[:docs], examples.y.repeat(reps, 1)[:docs]
+        from attribution.data import Examples
+
+        batch = Examples(x, y)
+        engine.featurize_train(Examples(x[:8], y[:8]))  # projections built, code paths warm
+        t0 = time.perf_counter()
+        raw = engine.featurize_train(batch)
+        seconds = time.perf_counter() - t0
+        tokens = int((y != -100).sum())
+        return {"train_s": train_s, "docs": docs, "tokens": tokens, "seconds": seconds,
+                "tokens_per_s": tokens / seconds, "docs_per_s": docs / seconds,
+                "dim": int(np.asarray(raw).shape[1]), "checkpoints": len(card.checkpoints),
+                "params": sum(p.numel() for p in engine.task.model.parameters())}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report_gradient(args: argparse.Namespace) -> None:
+    g = gradient_throughput(args.grad_docs, args.proj_dim, args.method)
+    print(f"gradient ({args.method}, factored proj_dim {args.proj_dim} -> {g['dim']} values over "
+          f"{g['checkpoints']} checkpoints, {g['params']:,} parameters; demo LM trained in "
+          f"{g['train_s']:.1f} s): {g['docs']} docs, {g['tokens']} tokens in "
+          f"{g['seconds']:.2f} s = {g['tokens_per_s']:,.0f} tokens/s "
+          f"({g['docs_per_s']:.0f} docs/s), 1 CPU thread")
+    if args.write:
+        section = f"""
+## Provenance (issue 6): gradient featurization
+
+Command: `{command()}` — {platform.machine()}, 1 torch thread, {datetime.date.today()}.
+
+The demo tiny GPT-2 ({g['params']:,} parameters, {g['checkpoints']} checkpoints) trained here on
+its synthetic corpus in {g['train_s']:.1f} s; train-side features of {g['docs']} documents with the
+factored (LoGra) Kronecker projection, method `{args.method}`, proj_dim {args.proj_dim}.
+
+| documents | tokens | seconds | tokens / s | documents / s |
+|---:|---:|---:|---:|---:|
+| {g['docs']} | {g['tokens']} | {g['seconds']:.2f} | {g['tokens_per_s']:,.0f} | {g['docs_per_s']:.0f} |
+"""
+        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
+            f.write(section)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=10_000_000, help="verbatim corpus size")
+    ap.add_argument("--queries", type=int, default=100, help="500-token outputs looked up")
+    ap.add_argument("--write", action="store_true", help="append sections to RESULTS.md")
+    ap.add_argument("--skip-verbatim", action="store_true", help="only the gradient part")
+    ap.add_argument("--skip-gradient", action="store_true", help="only the verbatim part")
+    ap.add_argument("--grad-docs", type=int, default=1024, help="documents featurized")
+    ap.add_argument("--proj-dim", type=int, default=1024, help="factored projection size")
+    ap.add_argument("--method", default="trak", help="engine method (trak, tracin, graddot)")
+    args = ap.parse_args()
+    if not args.skip_gradient:
+        report_gradient(args)
+    if not args.skip_verbatim:
+        report_verbatim(args)
+
+
+def report_verbatim(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     docs, words, probs = make_corpus(args.tokens)
     gen_s = time.perf_counter() - t0
@@ -120,7 +207,7 @@ def main() -> None:
             section = f"""
 ## Provenance (issue 6): verbatim spans
 
-Command: `python benchmarks/provenance_bench.py --tokens {args.tokens} --queries {args.queries} --write` — {platform.machine()}, 2 shared cores, infini-gram 2.6.0 (u16 suffix array), {datetime.date.today()}.
+Command: `{command()}` — {platform.machine()}, {os.cpu_count()} cores, infini-gram 2.6.0 (u16 suffix array), {datetime.date.today()}.
 
 Generated corpus of Zipf-distributed words (vocabulary {VOCAB:,}); word-level tokenizer trained on
 the corpus; queries are outputs of ~{out_tokens} tokens with two 60-word passages copied from

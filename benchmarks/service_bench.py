@@ -8,8 +8,15 @@ uvicorn on loopback); the load generator is a bounded asyncio client in this pro
   digits (digits MLP 64-128-10, one checkpoint, proj_dim 512: exact flat search over 100k × 512);
 * small jobs: N ``mislabel`` jobs on a 1k-record index, submitted at once, until all succeed.
 
-    python benchmarks/service_bench.py                 # builds the data once into --workdir
-    python benchmarks/service_bench.py --n 20000 --requests 200   # a quicker look
+The data (model, 100k corpus, index) is built once into ``--workdir`` (default
+/tmp/tda-service-bench, or $TDA_BENCH_DIR; ~1 min) and reused by later runs. The recorded run
+(benchmarks/RESULTS.md, "Service"), on a quiet machine:
+
+    python benchmarks/service_bench.py --requests 1000 --api-workers 1,2
+
+``--api-workers 1,2`` measures one uvicorn process and two (each with its own batcher; /metrics
+sums both). A quicker look: ``--n 20000 --requests 200 --jobs 5``. Search threads per query
+come from $TDA_FAISS_THREADS (default 1); run with the BLAS variables unset or 1.
 """
 
 from __future__ import annotations
@@ -138,6 +145,18 @@ async def load(url: str, key: str, index: str, x: np.ndarray, y: np.ndarray, con
             "mean": float(ms.mean()), "rps": requests / wall}
 
 
+def batch_rows(url: str) -> tuple[float, float]:
+    """(examples, batches) the server's top-k batcher has answered so far (from /metrics)."""
+    import httpx
+
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for part in totals:
+            if line.startswith(f"tda_topk_batch_rows_{part} "):
+                totals[part] += float(line.split()[1])
+    return totals["sum"], totals["count"]
+
+
 def small_jobs(url: str, key: str, count: int) -> dict:
     """Build a 1k index by job, then ``count`` mislabel jobs on it at once, until all end."""
     from service.client import Client
@@ -162,39 +181,50 @@ def small_jobs(url: str, key: str, count: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="records in the top-k index")
     parser.add_argument("--requests", type=int, default=1000, help="requests per concurrency")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--jobs", type=int, default=20, help="small jobs to submit")
     parser.add_argument("--kinds", default="flat", help="index kinds, e.g. flat,ivf_flat")
+    parser.add_argument("--api-workers", default="1",
+                        help="uvicorn processes to compare, e.g. 1,2 (TDA_API_WORKERS)")
     parser.add_argument("--workdir", type=Path, default=WORKDIR)
     args = parser.parse_args()
 
     from service.harness import Harness
 
     indexes = [prepare(args.workdir, args.n, kind) for kind in args.kinds.split(",")]
-    harness = Harness(args.workdir / "data", rate_limit_per_minute=0)
     rows = []
-    with harness:
-        key = harness.key(TENANT)
-        url = harness.url
-        for x, y, index in indexes:
-            asyncio.run(load(url, key, index, x, y, 4, 50))  # warm-up: index open, caches hot
-            for c in (int(c) for c in args.concurrency.split(",")):
-                load_avg = os.getloadavg()[0]
-                rows.append({"index": index, "load": load_avg,
-                             **asyncio.run(load(url, key, index, x, y, c, args.requests))})
-        jobs = small_jobs(url, key, args.jobs)
+    jobs = None
+    for workers in (int(w) for w in args.api_workers.split(",")):
+        harness = Harness(args.workdir / "data", rate_limit_per_minute=0, api_workers=workers)
+        with harness:
+            key = harness.key(TENANT)
+            url = harness.url
+            for x, y, index in indexes:
+                asyncio.run(load(url, key, index, x, y, 4, 50))  # warm-up: index open, caches
+                for c in (int(c) for c in args.concurrency.split(",")):
+                    load_avg = os.getloadavg()[0]
+                    before = batch_rows(url)
+                    found = asyncio.run(load(url, key, index, x, y, c, args.requests))
+                    after = batch_rows(url)
+                    batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                    rows.append({"index": index, "workers": workers, "load": load_avg,
+                                 "batch": batch, **found})
+            if jobs is None:
+                jobs = small_jobs(url, key, args.jobs)
     print(f"\nHTTP top-k (TRAK, 1 checkpoint, proj_dim 512; k=10, 1 example/request, query "
           f"featurization included), {os.cpu_count()} cores\n")
-    print("| index | concurrency | requests | errors | p50 ms | p99 ms | mean ms | requests/s "
-          "| load avg |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| index | API processes | concurrency | requests | errors | p50 ms | p99 ms | mean ms "
+          "| requests/s | mean batch | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['index']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-              f"{r['p50']:.1f} | {r['p99']:.1f} | {r['mean']:.1f} | {r['rps']:.1f} | "
-              f"{r['load']:.1f} |")
+        print(f"| {r['index']} | {r['workers']} | {r['concurrency']} | {r['requests']} | "
+              f"{r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['mean']:.1f} | "
+              f"{r['rps']:.1f} | {r['batch']:.1f} | {r['load']:.1f} |")
+    assert jobs is not None
     print(f"\nsmall jobs: build_index of 1k records {jobs['build_seconds']:.1f} s"
           f"{' (reused)' if jobs['build_reused'] else ''}; {jobs['jobs']} mislabel jobs, "
           f"{jobs['succeeded']} succeeded, {jobs['jobs_per_s']:.2f} jobs/s "

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from indexer import faiss_index
 from indexer.cards import ModelCard, load_card, load_task, model_fingerprint
-from indexer.corpus import Corpus, hf_tokenizer, load_corpus
+from indexer.corpus import Corpus, load_corpus
 from indexer.errors import CorpusError, IndexerError
 from indexer.layout import (
     FORMAT,
@@ -51,7 +51,7 @@ from indexer.layout import (
     write_current,
     write_manifest,
 )
-from indexer.methods import METHOD_NAMES, describe_method, make_method
+from indexer.methods import METHOD_NAMES, check_index_dim, describe_method, make_method
 from indexer.paths import atomic_write_text, sha256_file
 from indexer.probe import PROBE, PROBE_RECORDS, make_probe, probe_fingerprint, write_probe
 from indexer.store import (
@@ -64,6 +64,7 @@ from indexer.store import (
     to_float32,
     write_records,
 )
+from indexer.verbatim import build_corpus_verbatim, text_tokenizer
 
 Progress = Callable[[str, int, int], None]
 """Called as ``progress(stage, done, total)``; may raise to cancel (the build stays resumable)."""
@@ -131,7 +132,8 @@ def build_index(
     task = load_task(card)
     # the method hands over float32; the index stores ``dtype`` itself (scaled, see store.py)
     arguments = {**(method_args or {}), "storage_dtype": "float32"}
-    engine = make_method(method, task, arguments, device)
+    engine = make_method(method, task, arguments, device, data_root)
+    check_index_dim(engine, index_dir(Path(root), name))
     check_examples(task, corpus)
     faiss_index.check_kind(index_kind, index_params)
     picks = np.random.default_rng(1).choice(len(corpus), min(PROBE_RECORDS, len(corpus)), replace=False)
@@ -145,6 +147,7 @@ def build_index(
         "index_params": index_params or {}, "self_influence": self_influence,
         "recall_target": recall_target, "recall_queries": recall_queries,
         "flat_threshold": flat_threshold,
+        **({"verbatim": True} if "texts" in corpus.extra else {}),  # text corpora: spans too
         # how the engine featurizes today: a changed engine must not resume or reuse old shards
         "featurization": fingerprint_now,
     }
@@ -175,6 +178,7 @@ def build_index(
         queries = sample_queries(engine, corpus, recall_queries)
         save_npy(out / "recall_queries.npy", queries)
         write_probe(out / PROBE, make_probe(engine, probe_examples))  # with the fitted state
+        verbatim = build_verbatim(out, corpus, card)
         if progress:
             progress("index", 0, 1)
         faiss_info = build_faiss(out, store, np.ones(store.rows, bool), queries, index_kind,
@@ -190,6 +194,8 @@ def build_index(
         manifest = new_manifest(name, key, method, engine, card, card_path, fingerprint, corpus,
                                 dtype, scale, shards, shard_size, faiss_info, self_influence, timing)
         manifest["files"] = file_digests(out, self_influence)
+        if verbatim is not None:
+            manifest["verbatim"] = verbatim
         write_manifest(out, manifest)
         with locked(directory):
             version = publish(directory, out)
@@ -244,13 +250,27 @@ def read_corpus(corpus_path: str | Path, card: ModelCard, data_root: Path | None
     """Load a corpus the way the card's model reads it (input shape, tokenizer)."""
     tokenizer_dir = card.tokenizer or card.architecture.huggingface
 
+    seen: list[str] = []
+
     def tokenize(texts: list[str]) -> list[list[int]]:
         if tokenizer_dir is None:
             raise CorpusError("text inputs need a tokenizer: add 'tokenizer: <dir>' to the model card")
-        return hf_tokenizer(tokenizer_dir)(texts)
+        seen[:] = texts  # kept for the verbatim index of causal-LM text corpora
+        return text_tokenizer(tokenizer_dir)(texts)
 
-    return load_corpus(corpus_path, card.task, data_root=data_root, input_shape=card.input_shape,
-                       tokenizer=tokenize, max_length=card.max_length)
+    corpus = load_corpus(corpus_path, card.task, data_root=data_root, input_shape=card.input_shape,
+                         tokenizer=tokenize, max_length=card.max_length)
+    if seen:
+        corpus.extra["texts"] = seen
+    return corpus
+
+
+def build_verbatim(out: Path, corpus: Corpus, card: ModelCard) -> dict[str, Any] | None:
+    """The verbatim-span index (provenance) of a causal-LM text corpus; None for other corpora."""
+    if card.task != "causal-lm" or "texts" not in corpus.extra:
+        return None
+    return build_corpus_verbatim(out / "verbatim", corpus.ids.tolist(), corpus.extra["texts"],
+                                 corpus.metadata.to_pylist(), card.tokenizer)
 
 
 def check_examples(task: Any, corpus: Corpus) -> None:

@@ -99,6 +99,10 @@ def build_command(
         f"{m['faiss']['recall']['recall']:.3f}"
         + (f", {result.resumed_shards} shard(s) resumed" if result.resumed_shards else "")
     )
+    if m.get("verbatim"):
+        v = m["verbatim"]
+        console.print(f"  + verbatim-span index (provenance): {v['num_tokens']} tokens of "
+                      f"{v['num_documents']} documents, {v['token_dtype']}")
     console.print(f"  {result.path}")
 
 

@@ -74,6 +74,7 @@ class AttributionIndex:
         self._records = RecordStore(directory / "records.sqlite")
         self._lookup: dict[str, int] | None = None
         self._method: Any = None
+        self._verbatim: Any = None
         self._lock = threading.Lock()
         # CPU FAISS searches are thread-safe; GPU resources are not
         self._search_lock = threading.Lock() if faiss_index.gpu_available() else nullcontext()
@@ -336,6 +337,28 @@ class AttributionIndex:
         except AttributionError as err:
             raise IndexerError(f"cannot featurize the query for index {self.name}: {err}") from err
 
+    # --- provenance: the verbatim-span index of a causal-LM text corpus ---------------------------
+    def verbatim(self) -> Any:
+        """The version's :class:`~indexer.verbatim.VerbatimIndex` (opened once); raises
+        :class:`IndexerError` when the index was not built from a causal-LM text corpus."""
+        from indexer.verbatim import VerbatimIndex
+
+        entry = self.manifest.get("verbatim")
+        if entry is None:
+            raise IndexerError(
+                f"index {self.name}@{self.version} has no verbatim-span index: it is built for "
+                "causal-LM models from corpora with a 'text' column; rebuild it from one"
+            )
+        with self._lock:
+            if self._verbatim is None:
+                directory = self.path / entry["path"]
+                if not directory.is_dir():
+                    raise IndexCorruptError(
+                        f"{directory} is missing although the manifest lists it; rebuild the index"
+                    )
+                self._verbatim = VerbatimIndex.open(directory)
+            return self._verbatim
+
     # --- updates (each publishes a new version; this object keeps serving its own) ----------------
     def add(self, corpus_path: str | Path, **options: Any) -> AttributionIndex:
         """Add records from a corpus file; returns the new version (see :func:`indexer.update.add_records`)."""
@@ -367,7 +390,10 @@ class AttributionIndex:
             "recall_target_reached": m["faiss"]["recall"].get("target_reached", True),
             "built": m["build"]["finished"], "build_seconds": m["build"]["seconds"],
             "history": m["history"], "libraries": m["libraries"],
+            "verbatim": m.get("verbatim"),
         }
 
     def close(self) -> None:
         self._records.close()
+        if self._verbatim is not None:
+            self._verbatim.close()

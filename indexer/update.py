@@ -64,6 +64,10 @@ def _start_version(base: AttributionIndex, out: Path) -> None:
     for name in ("state.safetensors", "recall_queries.npy", "scale.json", "probe.npz"):
         if (base.path / name).is_file():
             link_or_copy(base.path / name, out / name)
+    if (base.path / "verbatim").is_dir():  # provenance spans; deleted ids are filtered on query
+        (out / "verbatim").mkdir()
+        for file in (base.path / "verbatim").iterdir():
+            link_or_copy(file, out / "verbatim" / file.name)
 
 
 def add_records(

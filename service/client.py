@@ -75,9 +75,20 @@ def _examples(x: Any, y: Any) -> dict[str, Any]:
     return body
 
 
-def _topk_body(x: Any, y: Any, k: int, opponents: bool, measurement: str) -> dict[str, Any]:
-    return {"examples": _examples(x, y), "k": k, "opponents": opponents,
-            "measurement": measurement}
+def _topk_body(x: Any, y: Any, k: int, opponents: bool, measurement: str,
+               text: list[str] | None = None) -> dict[str, Any]:
+    examples = _examples(x if text is None else [], y)
+    if text is not None:  # texts, tokenised by the server with the index's tokenizer
+        examples["text"] = list(text)
+        del examples["x"]
+    return {"examples": examples, "k": k, "opponents": opponents, "measurement": measurement}
+
+
+def _groups_body(x: Any, y: Any, groups: list[dict[str, Any]] | None, by: str | None,
+                 pooling: str | None, k: int | None, measurement: str) -> dict[str, Any]:
+    body = {"examples": _examples(x, y), "groups": groups, "by": by, "pooling": pooling,
+            "k": k, "measurement": measurement}
+    return {name: value for name, value in body.items() if value is not None}
 
 
 def _job_body(kind: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -126,11 +137,20 @@ class Client:
         return self.request("GET", f"/v1/{kind}")
 
     # --- queries and jobs ----------------------------------------------------------------
-    def topk(self, index: str, x: Any, y: Any = None, k: int = 10, opponents: bool = False,
-             measurement: str = "output") -> dict[str, Any]:
-        """Top-k proponents (and opponents) of each example in ``x`` (labels ``y``)."""
+    def topk(self, index: str, x: Any = None, y: Any = None, k: int = 10,
+             opponents: bool = False, measurement: str = "output",
+             text: list[str] | None = None) -> dict[str, Any]:
+        """Top-k proponents (and opponents) of each example in ``x`` or ``text`` (labels ``y``)."""
         return self.request("POST", f"/v1/indexes/{index}/topk",
-                            json=_topk_body(x, y, k, opponents, measurement))
+                            json=_topk_body(x, y, k, opponents, measurement, text))
+
+    def groups(self, index: str, x: Any, y: Any = None, groups: list[dict[str, Any]] | None = None,
+               by: str | None = None, pooling: str | None = None, k: int | None = None,
+               measurement: str = "output") -> dict[str, Any]:
+        """Groups of training records ranked per example: ``groups`` (dicts with ``name`` and
+        ``ids``, ``label`` or ``field``/``value``) or one per value of the metadata field ``by``."""
+        return self.request("POST", f"/v1/indexes/{index}/groups",
+                            json=_groups_body(x, y, groups, by, pooling, k, measurement))
 
     def submit(self, kind: str, params: dict[str, Any], idempotency_key: str | None = None
                ) -> dict[str, Any]:
@@ -182,6 +202,20 @@ class Client:
         data = self.request("GET", f"/v1/jobs/{job_id}/result/arrays/{name}")
         return np.load(io.BytesIO(data), allow_pickle=False)
 
+    def subset_results(self, job_id: str) -> Any:
+        """A finished ``subsets`` job as ``attribution.evaluate.SubsetResults`` (``.save(path)``
+        writes the ``.npz`` that ``tda eval lds`` and AirRep training read)."""
+        from attribution.evaluate import SubsetResults
+
+        job = self.job(job_id)
+        if job["kind"] != "subsets" or job["state"] != "succeeded":
+            raise ValueError(f"job {job_id} is a {job['kind']} job that is {job['state']}; "
+                             "subset results come from a succeeded 'subsets' job")
+        summary = job["result"]["summary"]
+        arrays = [self.result_array(job_id, n) for n in ("masks", "outputs", "losses", "subset_ids")]
+        meta = {k: summary[k] for k in ("plan", "config", "n_seeds") if k in summary}
+        return SubsetResults(*arrays, meta=meta)
+
 
 class AsyncClient:
     """Asynchronous client with the same methods (awaitable)."""
@@ -203,10 +237,18 @@ class AsyncClient:
     async def request(self, method: str, path: str, **kwargs: Any) -> Any:
         return _check(await self.http.request(method, path, **kwargs))
 
-    async def topk(self, index: str, x: Any, y: Any = None, k: int = 10,
-                   opponents: bool = False, measurement: str = "output") -> dict[str, Any]:
+    async def topk(self, index: str, x: Any = None, y: Any = None, k: int = 10,
+                   opponents: bool = False, measurement: str = "output",
+                   text: list[str] | None = None) -> dict[str, Any]:
         return await self.request("POST", f"/v1/indexes/{index}/topk",
-                                  json=_topk_body(x, y, k, opponents, measurement))
+                                  json=_topk_body(x, y, k, opponents, measurement, text))
+
+    async def groups(self, index: str, x: Any, y: Any = None,
+                     groups: list[dict[str, Any]] | None = None, by: str | None = None,
+                     pooling: str | None = None, k: int | None = None,
+                     measurement: str = "output") -> dict[str, Any]:
+        return await self.request("POST", f"/v1/indexes/{index}/groups",
+                                  json=_groups_body(x, y, groups, by, pooling, k, measurement))
 
     async def submit(self, kind: str, params: dict[str, Any],
                      idempotency_key: str | None = None) -> dict[str, Any]:

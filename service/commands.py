@@ -1,7 +1,7 @@
 """Service commands for the ``tda`` console script (mounted by ``service.cli``).
 
-``register(app)`` adds: ``serve``, ``worker``, ``query``, ``demo``, ``openapi`` and the groups
-``jobs`` (submit, status, wait, result, cancel, list) and ``keys`` (create, list, revoke).
+``register(app)`` adds: ``serve``, ``worker``, ``query``, ``groups``, ``demo``, ``openapi`` and the groups
+``jobs`` (submit, status, wait, result, subsets, cancel, list) and ``keys`` (create, list, revoke).
 Client commands talk HTTP to ``--url`` (``TDA_URL``) with ``--key`` (``TDA_API_KEY``, or the
 key `tda serve` saved in the data dir).
 """
@@ -69,8 +69,10 @@ def serve(
         if system.run_worker:
             system.start_worker()
             console.print(f"worker started (log: {system.logs / 'worker.log'})")
+        os.environ.update(system.prepare_metrics())  # before uvicorn starts its processes
         uvicorn.run("service.api.main:app", host=settings.host, port=settings.port,
-                    access_log=False)
+                    access_log=False,
+                    workers=settings.api_workers if settings.api_workers > 1 else None)
     finally:
         system.stop()
 
@@ -119,29 +121,47 @@ def _load_json(value: str) -> Any:
     return json.loads(text)
 
 
-def query(
-    index: Annotated[str, typer.Argument(help="Index name.")],
-    examples: Annotated[str, typer.Option(
-        "--examples", "-e", help='JSON {"x": [[...]], "y": [...]} or @file.json')],
-    k: Annotated[int, typer.Option("-k", help="Records per example.")] = 10,
-    opponents: Annotated[bool, typer.Option(help="Also list the most harmful.")] = False,
-    url: Url = DEFAULT_URL,
-    key: Key = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
-) -> None:
-    """Top-k proponents (and opponents) of examples, from a published index."""
-    from rich.table import Table
+IndexName = Annotated[str, typer.Argument(help="Index name.")]
+ExamplesJson = Annotated[str, typer.Option(
+    "--examples", "-e", help='JSON {"x": [[...]], "y": [...]} or @file.json')]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the raw JSON.")]
 
+
+def _ask(url: str, key: str | None, call: Any, as_json: bool) -> dict | None:
+    """``call(client)``; prints the raw JSON and returns None with ``--json``."""
     from service.client import APIError
 
-    data = _load_json(examples)
     with _client(url, key) as tda:
         try:
-            answer = tda.topk(index, data["x"], data.get("y"), k=k, opponents=opponents)
+            answer = call(tda)
         except APIError as err:
             _fail(err)
     if as_json:
         console.print_json(json.dumps(answer))
+        return None
+    return answer
+
+
+def query(
+    index: IndexName,
+    examples: ExamplesJson,
+    k: Annotated[int, typer.Option("-k", help="Records per example.")] = 10,
+    opponents: Annotated[bool, typer.Option(help="Also list the most harmful.")] = False,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Top-k proponents (and opponents) of examples, from a published index.
+
+    Examples are input rows ``{"x": [[...]], "y": [...]}`` or texts ``{"text": [...]}`` (for
+    an index whose model card names a tokenizer; ``y`` for classification)."""
+    from rich.table import Table
+
+    data = _load_json(examples)
+    answer = _ask(url, key, lambda tda: tda.topk(index, data.get("x"), data.get("y"), k=k,
+                                                 opponents=opponents, text=data.get("text")),
+                  as_json)
+    if answer is None:
         return
     for j, result in enumerate(answer["results"]):
         table = Table("rank", "id", "score", "metadata",
@@ -155,6 +175,39 @@ def query(
         console.print(table)
 
 
+def groups(
+    index: IndexName,
+    examples: ExamplesJson,
+    group_list: Annotated[str | None, typer.Option("--groups", help=(
+        'JSON list of groups or @file.json: [{"name": "a", "ids": [...]}, {"name": "threes", '
+        '"label": 3}, {"name": "wiki", "field": "source", "value": "wiki"}]'))] = None,
+    by: Annotated[str | None, typer.Option(
+        "--by", help="One group per value of this metadata field ('label': per class).")] = None,
+    pooling: Annotated[str | None, typer.Option(
+        help="attention, sum or mean (default: attention for AirRep indexes, else sum).")] = None,
+    k: Annotated[int | None, typer.Option("-k", help="Best groups shown per example.")] = None,
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+    as_json: AsJson = False,
+) -> None:
+    """Which group of training records (source, label, id list) contributed most to each example."""
+    from rich.table import Table
+
+    data = _load_json(examples)
+    chosen = _load_json(group_list) if group_list else None
+    answer = _ask(url, key, lambda tda: tda.groups(index, data["x"], data.get("y"), chosen, by,
+                                                   pooling, k), as_json)
+    if answer is None:
+        return
+    for j, result in enumerate(answer["results"]):
+        table = Table("rank", "group", "score", "size", title=f"example {j} — {answer['index']} "
+                      f"{answer['version']} ({answer['pooling']} pooling)")
+        for group in result["groups"]:
+            table.add_row(str(group["rank"]), group["name"], f"{group['score']:.4g}",
+                          str(group["size"]))
+        console.print(table)
+
+
 jobs_app = typer.Typer(help="Submit, follow and cancel jobs.", no_args_is_help=True)
 
 
@@ -165,7 +218,7 @@ def _show(job: dict) -> None:
 @jobs_app.command("submit")
 def jobs_submit(
     kind: Annotated[str, typer.Argument(help="attribution, valuation, mislabel, evaluate, "
-                                              "build_index")],
+                                              "subsets, build_index")],
     params: Annotated[str, typer.Argument(help="Parameters as JSON or @file.json")],
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
     wait: Annotated[bool, typer.Option(help="Wait for it, showing progress.")] = False,
@@ -230,6 +283,25 @@ def jobs_result(job_id: str, offset: int = 0, limit: int = 20, url: Url = DEFAUL
             _show(tda.result(job_id, offset, limit))
         except APIError as err:
             _fail(err)
+
+
+@jobs_app.command("subsets")
+def jobs_subsets(
+    job_id: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The .npz to write.")],
+    url: Url = DEFAULT_URL,
+    key: Key = None,
+) -> None:
+    """Save a finished `subsets` job as a SubsetResults .npz (for LDS and AirRep training)."""
+    from service.client import APIError
+
+    with _client(url, key) as tda:
+        try:
+            results = tda.subset_results(job_id)
+        except (APIError, ValueError) as err:
+            _fail(err)
+    results.save(out)
+    console.print(f"wrote {out}: {len(results)} subsets × {results.outputs.shape[1]} test examples")
 
 
 @jobs_app.command("cancel")
@@ -329,6 +401,7 @@ def register(app: typer.Typer, include_demo: bool = True) -> None:
     app.command()(serve)
     app.command()(worker)
     app.command()(query)
+    app.command()(groups)
     if include_demo:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "demo"
                                       and getattr(c.callback, "__name__", "") != "demo"]

@@ -6,7 +6,9 @@
 3. over HTTP: register the model and corpus, build a TRAK index (a job, with progress), ask
    for the top-k proponents and opponents of a few test predictions, and run a ``mislabel``
    job that should find the flipped labels;
-4. print it all readably, digits drawn as small text images.
+4. print it all readably, digits drawn as small text images;
+5. train a tiny GPT-2 that memorises planted passages and trace one of its outputs to the
+   training document it copied (``POST /v1/provenance``, see :mod:`service.demo_provenance`).
 """
 
 from __future__ import annotations
@@ -172,6 +174,11 @@ def run_demo(data_dir: Path | None = None, port: int | None = None, n_queries: i
             found = sum(bool(r["flipped"]) for r in top)
             console.print(f"{found} of the 20 most self-influential digits had flipped labels "
                           f"(10% of the corpus is flipped, so chance would find ~2).")
+
+            console.rule("[bold]6. Provenance: where does a language model's output come from?")
+            from service.demo_provenance import run_provenance_demo
+
+            run_provenance_demo(tda, files, console, _wait)
         console.rule(f"[bold green]done in {time.time() - started:.0f} s")
         if keep_running:
             console.print(f"serving at {system.url} with key {key}; Ctrl-C stops")

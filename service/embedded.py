@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from service.core.config import Settings
+from service.core.metrics import MULTIPROC_ENV, multiprocess_dir, reset_multiprocess_dir
 from worker.jobstore import connect
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Embedded:
         self.redis_server: Any = None
         self.worker: subprocess.Popen | None = None
         self.api: subprocess.Popen | None = None
+        self.metrics_env: dict[str, str] = {}
 
     # --- pieces ---------------------------------------------------------------------------
     def start_redis(self) -> str:
@@ -71,9 +73,6 @@ class Embedded:
         log.info("embedded Redis at %s (data in %s)", url, directory)
         return url
 
-    def env(self) -> dict[str, str]:
-        return {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1"}
-
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -85,11 +84,31 @@ class Embedded:
         self.worker = self._spawn("worker", worker_command(self.settings))
         return self.worker
 
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **settings_env(self.settings), "PYTHONUNBUFFERED": "1",
+                **self.metrics_env}
+
+    def prepare_metrics(self) -> dict[str, str]:
+        """Empty the multiprocess metrics directory the API processes will count in (given by
+        PROMETHEUS_MULTIPROC_DIR, or ``{data_dir}/metrics`` with several API workers); returns
+        the environment that names it (empty for a single process)."""
+        directory = multiprocess_dir() or (self.settings.data_dir / "metrics"
+                                           if self.settings.api_workers > 1 else None)
+        if directory is not None:
+            reset_multiprocess_dir(directory)
+            self.metrics_env = {MULTIPROC_ENV: str(directory)}
+        return self.metrics_env
+
     def start_api(self) -> subprocess.Popen:
-        """``uvicorn`` serving the app factory, as a child process."""
+        """``uvicorn`` serving the app factory (``api_workers`` processes), as a child process.
+
+        Several processes count metrics in one multiprocess directory, emptied first."""
+        workers = self.settings.api_workers
+        self.prepare_metrics()
         self.api = self._spawn("api", [
             sys.executable, "-m", "uvicorn", "service.api.main:app", "--host",
             self.settings.host, "--port", str(self.settings.port), "--no-access-log",
+            *(["--workers", str(workers)] if workers > 1 else []),
         ])
         return self.api
 

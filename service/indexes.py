@@ -80,7 +80,8 @@ class IndexCache:
             return entry[0]
         index = AttributionIndex.open(directory)
         batcher = Batcher(index, self.featurizer(index) if self.featurizer else None,
-                          max_rows=getattr(self.settings, "topk_batch_rows", 64))
+                          max_rows=getattr(self.settings, "topk_batch_rows", 64),
+                          wait_seconds=getattr(self.settings, "topk_batch_wait_ms", 4.0) / 1000)
         with self._lock:
             previous = self._open.pop(key, None)
             self._open[key] = (batcher, now)

@@ -29,7 +29,8 @@ from service.topk import examples_arrays
 from worker.jobstore import Job, job_id_for, request_hash
 from worker.kinds.queues import queue_for
 
-_EXAMPLE_FIELDS = {"attribution": ["examples"], "valuation": ["validation"], "evaluate": ["test"]}
+_EXAMPLE_FIELDS = {"attribution": ["examples"], "valuation": ["validation"], "evaluate": ["test"],
+                   "subsets": ["test"]}
 
 
 def submit(services: Services, who: Principal, job: BaseModel, idempotency_key: str | None

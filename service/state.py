@@ -41,7 +41,7 @@ class Services:
         return cls(
             settings=settings,
             redis=client,
-            jobs=JobStore(client, settings.key_prefix, settings.result_ttl_days * 86400),
+            jobs=JobStore(client, settings.key_prefix, settings.result_ttl_seconds),
             keys=KeyStore(key_file(settings.data_dir)),
             limiter=RateLimiter(client, settings.key_prefix, settings.rate_limit_per_minute,
                                 settings.rate_limit_burst),

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import numpy as np
 
 from service.batching import Batcher
 from service.core.problems import Problem
-from service.schemas.indexes import Neighbor, TopKRequest, TopKResponse, TopKResult
+from service.schemas.indexes import (
+    Neighbor,
+    TopKExamples,
+    TopKRequest,
+    TopKResponse,
+    TopKResult,
+)
+from service.texts import encoder_for
 from worker.kinds.common import examples_for_index
 
 
@@ -35,16 +45,34 @@ def examples_arrays(x: list[list[float]], y: list | None, what: str = "examples"
     return inputs, targets
 
 
+async def request_arrays(index: Any, examples: TopKExamples) -> tuple[np.ndarray,
+                                                                       np.ndarray | None]:
+    """Input rows and labels of a request: as sent, or tokenised from its texts."""
+    if examples.x is not None:
+        return examples_arrays(examples.x, examples.y)
+    assert examples.text is not None
+    encoder = encoder_for(index)
+    encoder.check()  # before reading labels: a features index says so first
+    labels = None
+    if examples.y is not None:
+        if len(examples.y) != len(examples.text):
+            raise Problem(422, "invalid-examples", f"examples has {len(examples.text)} texts but "
+                          f"{len(examples.y)} labels; give one label per text")
+        _, labels = examples_arrays([[0.0]] * len(examples.text), examples.y)
+    # the first call loads the tokenizer from disk: off the event loop
+    return await asyncio.to_thread(encoder.encode, examples.text, labels)
+
+
 async def answer(batcher: Batcher, request: TopKRequest, max_k: int, max_examples: int,
                  timeout: float = 60.0) -> TopKResponse:
     """Top-k proponents (and opponents) of each example, with record metadata."""
     index = batcher.index
     if request.k > max_k:
         raise Problem(422, "invalid-request", f"k={request.k} exceeds the limit of {max_k}")
-    if len(request.examples.x) > max_examples:
-        raise Problem(422, "invalid-request", f"{len(request.examples.x)} examples exceed the "
+    if len(request.examples) > max_examples:
+        raise Problem(422, "invalid-request", f"{len(request.examples)} examples exceed the "
                       f"limit of {max_examples} per request; split the batch")
-    x, y = examples_arrays(request.examples.x, request.examples.y)
+    x, y = await request_arrays(index, request.examples)
     examples = examples_for_index(index, x, y)
     found = await batcher.ask(examples, request.k, request.opponents, request.measurement,
                         request.metadata, timeout)

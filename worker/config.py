@@ -50,7 +50,13 @@ class WorkerSettings(BaseSettings):
         default=5.0, gt=0, description="How often workers report liveness and reap orphaned jobs."
     )
     worker_concurrency: int = Field(default=1, ge=1, description="Processes per worker.")
-    result_ttl_days: int = Field(default=30, ge=1, description="Days job records are kept in Redis.")
+    result_ttl_days: float = Field(
+        default=30, gt=0, description="Days an ended job's record and result files are kept; "
+        "then both are deleted (GET /v1/jobs/{id} answers 410 Gone for another TTL).",
+    )
+    result_purge_seconds: float = Field(
+        default=600, gt=0, description="How often each worker deletes expired jobs and results."
+    )
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:
@@ -65,6 +71,10 @@ class WorkerSettings(BaseSettings):
             )
         self.data_dir = self.data_dir.expanduser().resolve()
         return self
+
+    @property
+    def result_ttl_seconds(self) -> float:
+        return self.result_ttl_days * 86400
 
     @property
     def queues(self) -> dict[str, str]:

@@ -6,6 +6,9 @@ from (tenant, Idempotency-Key), and the worker's Celery task id is the same id, 
 job, starting an attempt, completing it — are Lua scripts, atomic on the server.
 
 States: ``queued`` → ``running`` → ``succeeded`` | ``failed`` | ``cancelled``.
+An ended job is listed in ``{prefix}finished`` (scored by when it ended); once older than the
+result TTL it is expired (:meth:`JobStore.expire`): its record goes and a small tombstone
+``{prefix}expired:{id}`` remembers its tenant, so the API can answer 410 Gone.
 A running job holds a lease (``{prefix}job:{id}:lease``, renewed while it runs); a running job
 whose lease expired lost its worker and is put back in the queue by a worker's reaper.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -113,9 +117,9 @@ end
 return 'run'
 """
 
-# KEYS[1] job, KEYS[2] lease, KEYS[3] running set, KEYS[4] queued zset; ARGV[1] state,
-# ARGV[2] now, ARGV[3] job id, ARGV[4] ttl seconds, ARGV[5..] field/value pairs. Completes a job
-# once: 1 if it did, 0 if the job had already ended.
+# KEYS[1] job, KEYS[2] lease, KEYS[3] running set, KEYS[4] queued zset, KEYS[5] finished zset,
+# KEYS[6] totals hash; ARGV[1] state, ARGV[2] now, ARGV[3] job id, ARGV[4] ttl seconds, ARGV[5..]
+# field/value pairs. Completes a job once: 1 if it did, 0 if the job had already ended.
 _FINISH = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 0 end
@@ -128,6 +132,8 @@ end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[3])
 redis.call('ZREM', KEYS[4], ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[3])
+redis.call('HINCRBY', KEYS[6], (redis.call('HGET', KEYS[1], 'kind') or '?') .. '|' .. ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
@@ -159,7 +165,8 @@ redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
 return 'requeue'
 """
 
-# KEYS[1] job, KEYS[2] queued zset; ARGV[1] now, ARGV[2] ttl, ARGV[3] job id. A queued job is
+# KEYS[1] job, KEYS[2] queued zset, KEYS[3] finished zset, KEYS[4] totals hash; ARGV[1] now,
+# ARGV[2] ttl, ARGV[3] job id. A queued job is
 # cancelled at once; a running one is flagged and stops at its next progress report. Returns
 # the resulting state.
 _CANCEL = """
@@ -168,6 +175,8 @@ if state == 'queued' then
   redis.call('ZREM', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'stage', 'cancelled', 'finished_at', ARGV[1],
              'cancel_requested', '1')
+  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[4], (redis.call('HGET', KEYS[1], 'kind') or '?') .. '|cancelled', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[2])
   return 'cancelled'
 end
@@ -177,20 +186,44 @@ end
 return state
 """
 
+# KEYS[1] job, KEYS[2] finished zset, KEYS[3] tenant index, KEYS[4] tombstone; ARGV[1] job id,
+# ARGV[2] cutoff, ARGV[3] tombstone ttl. Removes an ended job that ended before the cutoff and
+# returns its result pointer ('' without one); false (nothing changed) for any other job.
+_EXPIRE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then
+  if not state then redis.call('ZREM', KEYS[2], ARGV[1]) end
+  return false
+end
+if tonumber(redis.call('HGET', KEYS[1], 'finished_at') or '0') > tonumber(ARGV[2]) then
+  return false
+end
+local result = redis.call('HGET', KEYS[1], 'result') or ''
+redis.call('SET', KEYS[4], redis.call('HGET', KEYS[1], 'tenant'), 'EX', ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return result
+"""
+
 
 class JobStore:
     """All reads and writes of job records go through here (API and workers alike)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "tda:", ttl_seconds: int = 30 * 86400):
+    def __init__(self, client: redis.Redis, prefix: str = "tda:", ttl_seconds: float = 30 * 86400):
         self.redis = client
         self.prefix = prefix
+        #: how long an ended job is kept; its Redis key lives twice as long, as a safety net for
+        #: a system without a worker to run :meth:`expire` (which removes it on time)
         self.ttl = ttl_seconds
+        self._key_ttl = max(2, math.ceil(2 * ttl_seconds))
         self._create = client.register_script(_CREATE)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._progress = client.register_script(_PROGRESS)
         self._reap = client.register_script(_REAP)
         self._cancel = client.register_script(_CANCEL)
+        self._expire = client.register_script(_EXPIRE)
 
     # --- keys -----------------------------------------------------------------------------
     def key(self, job_id: str) -> str:
@@ -209,6 +242,17 @@ class JobStore:
     @property
     def _queued(self) -> str:
         return f"{self.prefix}queued"
+
+    @property
+    def _finished(self) -> str:
+        return f"{self.prefix}finished"
+
+    @property
+    def _totals(self) -> str:
+        return f"{self.prefix}stats:ended"
+
+    def _tombstone(self, job_id: str) -> str:
+        return f"{self.prefix}expired:{job_id}"
 
     # --- API side -------------------------------------------------------------------------
     def create(
@@ -280,8 +324,8 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """Ask a job to stop; returns its state afterwards."""
-        return self._cancel(keys=[self.key(job_id), self._queued],
-                            args=[repr(time.time()), self.ttl, job_id])
+        return self._cancel(keys=[self.key(job_id), self._queued, self._finished, self._totals],
+                            args=[repr(time.time()), self._key_ttl, job_id])
 
     # --- worker side ----------------------------------------------------------------------
     def start(self, job_id: str, worker: str, lease_seconds: int, max_deliveries: int,
@@ -313,8 +357,9 @@ class JobStore:
         if state == "cancelled":
             extra += ["stage", "cancelled"]
         ended = self._finish(
-            keys=[self.key(job_id), self._lease(job_id), self._running, self._queued],
-            args=[state, repr(time.time()), job_id, self.ttl, *extra],
+            keys=[self.key(job_id), self._lease(job_id), self._running, self._queued,
+                  self._finished, self._totals],
+            args=[state, repr(time.time()), job_id, self._key_ttl, *extra],
         )
         return bool(ended)
 
@@ -337,6 +382,38 @@ class JobStore:
             keys=[self.key(job_id), self._lease(job_id), self._running, self._queued],
             args=[job_id, repr(time.time())],
         )
+
+    def ended_totals(self) -> dict[tuple[str, str], int]:
+        """Jobs ended since the Redis was new, by (kind, final state), counted once each by
+        whichever worker or API process ended them (for ``/metrics``)."""
+        totals = self.redis.hgetall(self._totals)
+        return {tuple(key.split("|", 1)): int(n) for key, n in totals.items()}  # type: ignore[misc]
+
+    # --- expiry ----------------------------------------------------------------------------
+    def ended_before(self, cutoff: float, limit: int = 1000) -> list[str]:
+        """Ids of jobs that ended before ``cutoff`` (a Unix time), oldest first."""
+        return self.redis.zrangebyscore(self._finished, 0, cutoff, start=0, num=limit)
+
+    def expire(self, job_id: str, cutoff: float) -> tuple[str, dict[str, Any] | None] | None:
+        """Remove an ended job that ended before ``cutoff``, leaving a tombstone for another
+        TTL; ``(tenant, result pointer or None)``, or None when the job is not (or no longer)
+        one to expire. Queued and running jobs are never touched."""
+        tenant = self.redis.hget(self.key(job_id), "tenant")
+        if tenant is None:
+            self.redis.zrem(self._finished, job_id)
+            return None
+        result = self._expire(
+            keys=[self.key(job_id), self._finished, self._tenant_index(tenant),
+                  self._tombstone(job_id)],
+            args=[job_id, repr(cutoff), max(1, math.ceil(self.ttl))],
+        )
+        if result is None:
+            return None
+        return tenant, (json.loads(result) if result else None)
+
+    def expired_tenant(self, job_id: str) -> str | None:
+        """The tenant of a job that expired recently (its tombstone), or None."""
+        return self.redis.get(self._tombstone(job_id))
 
     # --- workers' liveness ----------------------------------------------------------------
     def heartbeat(self, worker: str, info: dict[str, Any], ttl: float) -> None:

@@ -5,6 +5,7 @@ and (2) looks at running jobs whose lease expired: their worker died mid-job. Su
 back to ``queued`` and re-sent under its own id, exactly once (an atomic script decides who
 requeues), or failed if it already ran past its hard time limit. The broker's own copy of the
 message comes back after the visibility timeout and finds the job done: nothing runs twice.
+Every ``result_purge_seconds`` it also expires old jobs and their results (``worker.expiry``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from worker import expiry
 from worker.config import WorkerSettings
 from worker.errors import problem
 from worker.jobstore import JobStore
@@ -55,14 +57,18 @@ def start(store: JobStore, settings: WorkerSettings, hostname: str, queues: list
     info = {"hostname": hostname, "pid": os.getpid(), "queues": queues, "started_at": time.time()}
 
     def loop() -> None:
+        purged_at = 0.0
         while True:
             try:
                 store.heartbeat(hostname, {**info, "seen_at": time.time()},
                                 ttl=3 * settings.heartbeat_seconds)
                 sweep(store, settings, enqueue)
+                if time.monotonic() - purged_at >= settings.result_purge_seconds:
+                    purged_at = time.monotonic()
+                    expiry.purge(store, settings)
             except Exception:  # keep beating through Redis hiccups
                 log.warning("heartbeat/reaper pass failed", exc_info=True)
-            time.sleep(settings.heartbeat_seconds)
+            time.sleep(min(settings.heartbeat_seconds, settings.result_purge_seconds))
 
     thread = threading.Thread(target=loop, daemon=True, name="tda-reaper")
     thread.start()

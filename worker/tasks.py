@@ -18,6 +18,7 @@ from worker.jobstore import JobStore, connect
 
 RUN_JOB = "tda.run_job"
 QUERY_VECTORS = "tda.query_vectors"
+SUBSET_CHUNK = "tda.subset_chunk"
 
 
 @cache
@@ -27,7 +28,7 @@ def job_store() -> JobStore:
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set; a worker needs the Redis the API uses")
     return JobStore(connect(settings.redis_url), settings.key_prefix,
-                    settings.result_ttl_days * 86400)
+                    settings.result_ttl_seconds)
 
 
 @app.task(name=RUN_JOB, bind=True)
@@ -47,6 +48,14 @@ def query_vectors(index_dir: str, version: str, measurement: str, reply: str, tt
     client = redis.Redis.from_url(settings.redis_url)  # bytes in, bytes out
     queries.answer(client, Path(index_dir), version, measurement, reply, ttl)
     client.close()
+
+
+@app.task(name=SUBSET_CHUNK, bind=True)
+def subset_chunk(self, job_id: str, chunk: int) -> str:  # type: ignore[no-untyped-def]
+    """Retrain one chunk of a ``subsets``/``evaluate`` job's subsets (sent as a group)."""
+    from worker.kinds import subsets
+
+    return subsets.run_chunk(job_store(), get_worker_settings(), job_id, chunk)
 
 
 def enqueue(job_id: str, queue: str) -> None:

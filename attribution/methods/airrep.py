@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from attribution.data import Examples
+from attribution.encoders import FEATURES, AirRepEncoder, kfac_basis, model_inputs
 from attribution.errors import AttributionError
 from attribution.methods.base import Method, MethodArguments
 from attribution.tasks import ClassificationTask, Measurement, Task
@@ -129,80 +131,17 @@ def ranknet_loss(scores: torch.Tensor, targets: torch.Tensor, cap: float = 1.0) 
     return (weight * nn.functional.softplus(-ds)).sum() / total
 
 
-# --- the encoder ---------------------------------------------------------------------------------
-class AirRepEncoder(nn.Module):
-    """MLP encoder: flattened input (+ one-hot label) → hidden → hidden → linear projection to dim."""
-
-    def __init__(
-        self,
-        in_features: int,
-        dim: int = 64,
-        hidden: int = 128,
-        num_classes: int = 0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        if in_features < 1 or dim < 1 or hidden < 1 or num_classes < 0:
-            raise AttributionError(
-                f"encoder sizes must be positive: in_features={in_features}, dim={dim}, "
-                f"hidden={hidden}, num_classes={num_classes}"
-            )
-        self.in_features, self.dim, self.hidden, self.num_classes = (
-            in_features,
-            dim,
-            hidden,
-            num_classes,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.body = nn.Sequential(
-                nn.Linear(in_features + num_classes, hidden),
-                nn.ReLU(),
-                nn.Linear(hidden, hidden),
-                nn.ReLU(),
-            )
-            self.projection = nn.Linear(hidden, dim)
-
-    def config(self) -> dict[str, int]:
-        return {
-            "in_features": self.in_features,
-            "dim": self.dim,
-            "hidden": self.hidden,
-            "num_classes": self.num_classes,
-        }
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        flat = x.reshape(x.shape[0], -1).float()
-        if flat.shape[1] != self.in_features:
-            raise AttributionError(
-                f"the encoder takes {self.in_features} input features but got {flat.shape[1]} "
-                f"(inputs of shape {tuple(x.shape)})"
-            )
-        if self.num_classes:
-            if y is None:
-                raise AttributionError("this encoder is label-conditioned: it needs the labels")
-            if (
-                y.ndim != 1
-                or y.is_floating_point()
-                or int(y.min()) < 0
-                or int(y.max()) >= self.num_classes
-            ):
-                raise AttributionError(
-                    f"labels must be integer classes in [0, {self.num_classes - 1}]"
-                )
-            onehot = nn.functional.one_hot(y.long(), self.num_classes).to(flat.dtype)
-            flat = torch.cat([flat, onehot], dim=1)
-        return self.projection(self.body(flat))
-
-
 # --- the method ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class AirRepArguments(MethodArguments):
     """AirRep's knobs: encoder shape and the training recipe."""
 
     dim: int = 64
-    hidden: int = 128
+    hidden: int = 128  # MLP width for features="input"; 0 = one linear projection
+    features: str = "input"  # "input" (the raw input) or "model" (the target model's last layer)
     label_conditioned: bool = True  # concat one-hot labels (classification tasks only)
+    checkpoint: int = -1  # features="model": which of the task's checkpoints (-1 = the last)
+    lambda_scale: float = 0.03  # features="model": λ of the K-FAC whitening (× mean eigenvalue)
     steps: int = 300
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -210,23 +149,31 @@ class AirRepArguments(MethodArguments):
     dev_per_step: int = 64  # dev examples per step
     weight_cap: float = 1.0  # cap on |t_a − t_b| as a pair weight
     pooling: str = "attention"  # subset score in training: "attention" (the paper) or "mean"
+    holdout: float = 0.0  # fraction of subsets *and* dev examples kept for model selection
+    eval_every: int = 25  # steps between held-out evaluations (when holdout > 0)
     seed: int = 0
 
     def validate(self) -> None:
         super().validate()
-        for name in ("dim", "hidden", "steps", "dev_per_step"):
+        for name in ("dim", "steps", "dev_per_step", "eval_every"):
             if getattr(self, name) < 1:
                 raise AttributionError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hidden < 0:
+            raise AttributionError(f"hidden must be 0 (linear) or positive, got {self.hidden}")
+        if self.features not in FEATURES:
+            raise AttributionError(f"features must be 'input' or 'model', not {self.features!r}")
         if self.subsets_per_step < 2:
             raise AttributionError(
                 f"subsets_per_step must be at least 2 (pairs of subsets), got {self.subsets_per_step}"
             )
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise AttributionError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("learning_rate", "lambda_scale", "weight_cap"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise AttributionError(f"{name} must be positive, got {value}")
         if self.pooling not in ("attention", "mean"):
             raise AttributionError(f"pooling must be 'attention' or 'mean', not {self.pooling!r}")
-        if not (math.isfinite(self.weight_cap) and self.weight_cap > 0):
-            raise AttributionError(f"weight_cap must be positive, got {self.weight_cap}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise AttributionError(f"holdout must lie in [0, 1), got {self.holdout}")
 
 
 class AirRep(Method):
@@ -236,7 +183,8 @@ class AirRep(Method):
     retraining on the dev split (``results.masks`` index the train set given to ``fit``,
     ``results.losses`` are the dev losses); ``AirRep(task, encoder=...)`` uses a trained encoder
     (an :class:`AirRepEncoder`, or the path of a ``.safetensors`` written by :meth:`save`).
-    Without either, the encoder is the seeded, untrained one (a baseline).
+    Without either, the encoder is the seeded, untrained one (a baseline; with
+    ``features="model"`` the whitened last-layer gradient similarity).
     """
 
     name: ClassVar[str] = "airrep"
@@ -263,8 +211,9 @@ class AirRep(Method):
         self.training_info: dict[str, Any] = {}
         self.encoder: AirRepEncoder | None = None
         if isinstance(encoder, str | Path):
-            encoder, info = _read_encoder(Path(encoder))
-            self.training_info = info
+            encoder, manifest = _read_encoder(Path(encoder))
+            self.training_info = dict(manifest.get("training", {}))
+            self.args.checkpoint = int(manifest.get("arguments", {}).get("checkpoint", -1))
         if encoder is not None:
             if not isinstance(encoder, AirRepEncoder):
                 raise AttributionError(
@@ -274,13 +223,19 @@ class AirRep(Method):
                 raise AttributionError(
                     f"the encoder's dimension is {encoder.dim} but dim={self.args.dim} was asked for"
                 )
-            self.args.dim, self.args.hidden = encoder.dim, encoder.hidden
-            self.args.label_conditioned = encoder.num_classes > 0
-            self.encoder = encoder.to(self.device)
+            self._adopt(encoder)
+
+    def _adopt(self, encoder: AirRepEncoder) -> None:
+        """Use ``encoder`` and make the arguments describe it."""
+        self.args.dim, self.args.hidden = encoder.dim, encoder.hidden
+        self.args.features = encoder.features
+        self.args.label_conditioned = encoder.num_classes > 0
+        self.encoder = encoder.to(self.device).eval()
+        self._state_ready = True
 
     # --- the encoder ---------------------------------------------------------------------------
     def _num_classes(self, examples: Examples) -> int:
-        if not self.args.label_conditioned:
+        if not self.args.label_conditioned or self.args.features == "model":
             return 0
         if not isinstance(self.task, ClassificationTask):
             raise AttributionError(
@@ -290,30 +245,70 @@ class AirRep(Method):
             out = self.task.checked_forward(examples.x[:1].to(self.device))
         return int(out.shape[-1])
 
-    def _ensure_encoder(self, examples: Examples) -> AirRepEncoder:
-        if self.encoder is None:
-            in_features = int(np.prod(examples.x.shape[1:]))
-            self.encoder = AirRepEncoder(
-                in_features,
-                self.args.dim,
-                self.args.hidden,
-                self._num_classes(examples),
-                seed=self.args.seed,
-            ).to(self.device)
-        return self.encoder
-
-    def _embed(self, examples: Examples, grad: bool = False) -> torch.Tensor:
-        encoder = self._ensure_encoder(examples)
+    def _inputs(self, examples: Examples) -> torch.Tensor:
+        """What the encoder reads: the input itself, or the frozen model features (n, F)."""
+        if self.args.features == "input":
+            return examples.x.to(self.device)
+        if not isinstance(self.task, ClassificationTask):
+            raise AttributionError("features='model' needs a classification task")
+        count = len(self.task.checkpoints)
+        index = self.args.checkpoint if self.args.checkpoint >= 0 else count + self.args.checkpoint
+        if not 0 <= index < count:
+            raise AttributionError(
+                f"checkpoint {self.args.checkpoint} is not one of the task's {count} checkpoints"
+            )
         parts = []
-        with torch.set_grad_enabled(grad):
-            for x, y in examples.batches(self.args.batch_size if not grad else len(examples)):
-                labels = y.to(self.device) if encoder.num_classes else None
-                parts.append(encoder(x.to(self.device), labels))
+        with self.task.lock:
+            self.task.load_checkpoint(index)
+            for x, y in examples.batches(self.args.batch_size):
+                parts.append(model_inputs(self.task.model, x.to(self.device), y.to(self.device)))
         return torch.cat(parts)
 
+    def _ensure_encoder(self, examples: Examples) -> AirRepEncoder:
+        if self.encoder is None:
+            args = self.args
+            inputs = self._inputs(examples) if args.features == "model" else examples.x
+            outputs = self._outputs() if args.features == "model" else 0
+            encoder = AirRepEncoder(
+                int(np.prod(inputs.shape[1:])),
+                args.dim,
+                args.hidden,
+                self._num_classes(examples),
+                seed=args.seed,
+                features=args.features,
+                outputs=outputs,
+            )
+            if args.features == "model":
+                buffers = kfac_basis(inputs.cpu(), outputs, args.dim, args.lambda_scale)
+                for name, value in buffers.items():
+                    getattr(encoder, name).copy_(value)
+            self.encoder = encoder.to(self.device)
+        return self.encoder
+
+    def _outputs(self) -> int:
+        from attribution.encoders import last_linear
+
+        return int(last_linear(self.task.model).out_features)
+
+    def _prefix(self, examples: Examples) -> torch.Tensor:
+        """The encoder's frozen part for every example (computed once, without gradients)."""
+        encoder = self._ensure_encoder(examples)
+        inputs = self._inputs(examples)
+        labels = examples.y.to(self.device) if encoder.num_classes else None
+        with torch.no_grad():
+            return encoder.prefix(inputs, labels)
+
+    def _embed(self, examples: Examples) -> torch.Tensor:
+        encoder = self._ensure_encoder(examples)
+        parts = []
+        with torch.no_grad():
+            prefix = self._prefix(examples)
+            for start in range(0, len(prefix), self.args.batch_size):
+                parts.append(encoder.head(prefix[start : start + self.args.batch_size]))
+        return torch.cat(parts) if parts else prefix[:, :0]
+
     # --- training ------------------------------------------------------------------------------
-    def train_encoder(self, train: Examples) -> list[float]:
-        """Fit the encoder on the subsets' dev losses with the RankNet objective; the loss per step."""
+    def _check_subsets(self, train: Examples) -> Any:
         from attribution.evaluate import SubsetResults
 
         results = self.subsets
@@ -332,40 +327,77 @@ class AirRep(Method):
             )
         if len(results) < 2:
             raise AttributionError("training AirRep needs at least 2 subsets")
+        return results
+
+    def train_encoder(self, train: Examples) -> list[float]:
+        """Fit the encoder on the subsets' dev losses with the RankNet objective; the loss per step.
+
+        With ``holdout`` > 0 a fraction of the subsets and of the dev examples is kept out of
+        training; every ``eval_every`` steps the LDS of the dev scores on those held-out subsets
+        and examples is measured, and the encoder of the best evaluation (the initial one
+        included) is kept.
+        """
+        from attribution.evaluate import lds
+
+        results = self._check_subsets(train)
         args = self.args
         encoder = self._ensure_encoder(train)
+        assert self.dev is not None
         targets = torch.as_tensor(subset_targets(results.losses), dtype=torch.float32)
         masks = torch.as_tensor(results.masks)
         rng = np.random.default_rng(args.seed)
+        subs, held_subs = _split(rng, len(results), args.holdout)
+        devs, held_devs = _split(rng, len(self.dev), args.holdout)
+        train_in, dev_in = self._prefix(train), self._prefix(self.dev)
+
+        def heldout_lds() -> float:
+            with torch.no_grad():
+                scores = encoder.head(dev_in[held_devs]) @ encoder.head(train_in).T
+            outputs = results.outputs[np.ix_(held_subs, held_devs)]
+            return lds(scores.cpu().numpy(), results.masks[held_subs], outputs).mean
+
         optimizer = torch.optim.Adam(
-            encoder.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay
+            [p for p in encoder.parameters() if p.requires_grad],
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
         )
-        n_sub, n_dev = masks.shape[0], len(self.dev)
+        evaluate = args.holdout > 0 and len(held_subs) >= 3
+        evaluations: list[tuple[int, float]] = []
+        best = (heldout_lds(), 0, _copy_state(encoder)) if evaluate else None
+        if best is not None:
+            evaluations.append((0, best[0]))
         history = []
         start = time.perf_counter()
         encoder.train()
-        for _ in range(args.steps):
-            ks = rng.choice(n_sub, size=min(args.subsets_per_step, n_sub), replace=False)
-            js = rng.choice(n_dev, size=min(args.dev_per_step, n_dev), replace=False)
-            members = masks[ks].any(0)  # encode only the training examples some subset uses
-            used = torch.nonzero(members).squeeze(1)
-            train_emb = self._embed(train.subset(used), grad=True)
-            dev_emb = self._embed(self.dev.subset(js), grad=True)
+        for step in range(1, args.steps + 1):
+            ks = rng.choice(subs, size=min(args.subsets_per_step, len(subs)), replace=False)
+            js = rng.choice(devs, size=min(args.dev_per_step, len(devs)), replace=False)
+            used = torch.nonzero(masks[ks].any(0)).squeeze(1)
             scores = _masked_group_scores(
-                dev_emb, train_emb, masks[ks][:, used].to(self.device), args.pooling
+                encoder.head(dev_in[js]),
+                encoder.head(train_in[used.to(self.device)]),
+                masks[ks][:, used].to(self.device),
+                args.pooling,
             )
             loss = ranknet_loss(scores, targets[ks][:, js].to(self.device), args.weight_cap)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             history.append(float(loss.detach()))
+            if best is not None and (step % args.eval_every == 0 or step == args.steps):
+                value = heldout_lds()
+                evaluations.append((step, value))
+                if value > best[0]:
+                    best = (value, step, _copy_state(encoder))
+        if best is not None:
+            encoder.load_state_dict(best[2])
         encoder.eval()
         self.history = history
         self.training_info = {
             "trained": True,
             "steps": args.steps,
-            "n_subsets": int(n_sub),
-            "n_dev": int(n_dev),
+            "n_subsets": int(len(subs)),
+            "n_dev": int(len(devs)),
             "n_train": len(train),
             "subsets_meta": results.meta,
             "first_loss": history[0],
@@ -373,6 +405,13 @@ class AirRep(Method):
             "seconds": round(time.perf_counter() - start, 3),
             "arguments": self.arguments(),
         }
+        if best is not None:
+            self.training_info.update(
+                heldout_subsets=int(len(held_subs)),
+                heldout_dev=int(len(held_devs)),
+                best_step=best[1],
+                heldout_lds=[[s, round(v, 4)] for s, v in evaluations],
+            )
         return history
 
     def ranking_loss(self, train: object) -> float:
@@ -431,19 +470,33 @@ class AirRep(Method):
         }
         cfg = self.encoder.config()
         state["encoder_config"] = np.array(
-            [cfg["in_features"], cfg["dim"], cfg["hidden"], cfg["num_classes"]], dtype=np.int64
+            [
+                cfg["in_features"],
+                cfg["dim"],
+                cfg["hidden"],
+                cfg["num_classes"],
+                FEATURES.index(self.encoder.features),
+                self.args.checkpoint,
+                cfg["outputs"],
+            ],
+            dtype=np.int64,
         )
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if "encoder_config" not in state:
             raise AttributionError("not an AirRep state: it lacks 'encoder_config'")
-        in_features, dim, hidden, num_classes = (int(v) for v in state["encoder_config"])
+        config = [int(v) for v in state["encoder_config"]]
+        in_features, dim, hidden, num_classes = config[:4]
+        features = FEATURES[config[4]] if len(config) > 4 else "input"
+        outputs = config[6] if len(config) > 6 else 0
         if self._train is not None and self._train.shape[1] != dim:
             raise AttributionError(
                 f"the encoder's dimension {dim} does not match the index's {self._train.shape[1]}"
             )
-        encoder = AirRepEncoder(in_features, dim, hidden, num_classes)
+        encoder = AirRepEncoder(
+            in_features, dim, hidden, num_classes, features=features, outputs=outputs
+        )
         weights = {
             k[len("encoder.") :]: torch.from_numpy(np.asarray(v))
             for k, v in state.items()
@@ -453,10 +506,9 @@ class AirRep(Method):
             encoder.load_state_dict(weights)
         except RuntimeError as err:
             raise AttributionError(f"the AirRep state does not fit its encoder: {err}") from err
-        self.encoder = encoder.to(self.device).eval()
-        self.args.dim, self.args.hidden = dim, hidden
-        self.args.label_conditioned = num_classes > 0
-        self._state_ready = True
+        if len(config) > 5:
+            self.args.checkpoint = config[5]
+        self._adopt(encoder)
 
     def check_index(self, train_vectors: np.ndarray) -> None:
         """Raise when stored train vectors were not made by an encoder of this dimension."""
@@ -478,7 +530,7 @@ class AirRep(Method):
     # --- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the encoder to ``path`` (.safetensors) and its manifest to ``path`` + ``.json``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         if self.encoder is None:
             raise AttributionError("AirRep has no encoder to save: call fit(train) first")
@@ -486,14 +538,15 @@ class AirRep(Method):
         if path.suffix != ".safetensors":
             raise AttributionError(f"save the encoder as a .safetensors file, not {path.name}")
         weights = {k: v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()}
-        save_file(weights, str(path))
         manifest = {
             "method": "airrep",
             "encoder": self.encoder.config(),
             "training": self.training_info or {"trained": False},
             "arguments": self.arguments(),
         }
-        _manifest_path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
+        _atomic_write(path, save(weights))
+        _atomic_write(_manifest_path(path), text.encode())
         return path
 
     @classmethod
@@ -508,23 +561,53 @@ def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _read_encoder(path: Path) -> tuple[AirRepEncoder, dict]:
-    from attribution.checkpoints import load_safetensors
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    manifest_path = _manifest_path(path)
+
+def _split(rng: np.random.Generator, n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded (kept, held-out) split of range(n); nothing held out when ``fraction`` is 0."""
+    order = rng.permutation(n)
+    held = int(round(fraction * n)) if fraction > 0 else 0
+    held = min(held, n - 2)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _copy_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The JSON manifest written beside an encoder by :meth:`AirRep.save`."""
+    manifest_path = _manifest_path(Path(path))
     if not manifest_path.is_file():
         raise AttributionError(f"the encoder {path} has no manifest {manifest_path.name}")
     try:
         manifest = json.loads(manifest_path.read_text())
-        config = manifest["encoder"]
-        encoder = AirRepEncoder(
-            int(config["in_features"]),
-            int(config["dim"]),
-            int(config["hidden"]),
-            int(config["num_classes"]),
-        )
-    except (ValueError, KeyError, TypeError) as err:
+    except ValueError as err:
         raise AttributionError(f"{manifest_path} is not an AirRep manifest: {err}") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("encoder"), dict):
+        raise AttributionError(f"{manifest_path} is not an AirRep manifest: no 'encoder' entry")
+    return manifest
+
+
+def _read_encoder(path: Path) -> tuple[AirRepEncoder, dict]:
+    from attribution.checkpoints import load_safetensors
+
+    manifest = read_manifest(path)
+    try:
+        encoder = AirRepEncoder.from_config(manifest["encoder"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise AttributionError(f"{path} has a manifest that is not AirRep's: {err}") from err
     weights = load_safetensors(path)
     try:
         encoder.load_state_dict(weights)
@@ -532,7 +615,7 @@ def _read_encoder(path: Path) -> tuple[AirRepEncoder, dict]:
         raise AttributionError(
             f"{path} does not match the encoder its manifest describes: {err}"
         ) from err
-    return encoder.eval(), dict(manifest.get("training", {}))
+    return encoder.eval(), manifest
 
 
 __all__ = [
@@ -541,5 +624,6 @@ __all__ = [
     "AirRepEncoder",
     "group_score",
     "ranknet_loss",
+    "read_manifest",
     "subset_targets",
 ]

@@ -10,11 +10,20 @@ from fastapi import FastAPI
 
 from attribution.errors import AttributionError
 from indexer.errors import IndexerError, IndexNotFoundError
-from service.api.routes import corpora, files, health, indexes, jobs, models
+from service.api.routes import (
+    corpora,
+    files,
+    groups,
+    health,
+    indexes,
+    jobs,
+    models,
+    provenance,
+)
 from service.core import problems
 from service.core.config import Settings, get_settings
 from service.core.limits import BodyLimit
-from service.core.metrics import MetricsMiddleware, register_queue_reader
+from service.core.metrics import MetricsMiddleware, mark_process_dead, register_queue_reader
 from service.registry import PathOutsideRoot
 from service.state import Services
 
@@ -36,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         torch.set_num_threads(settings.torch_threads)
         services = Services.open(settings)
         app.state.services = services
-        register_queue_reader(services.queue_depths)
+        register_queue_reader(services.queue_depths, services.jobs.ended_totals)
         if settings.preload_indexes:
             threading.Thread(target=services.indexes.preload, daemon=True,
                              name="preload-indexes").start()
@@ -44,13 +53,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.indexes.preload_done.set()
         yield
         services.close()
+        mark_process_dead()
 
     from service import __version__
 
     app = FastAPI(title="tdaserve", version=__version__, description=DESCRIPTION,
                   lifespan=lifespan)
     for router in (health.router, models.router, corpora.router, files.router,
-                   indexes.router, jobs.router):
+                   indexes.router, groups.router, jobs.router, provenance.router):
         app.include_router(router)
     problems.install(app)
     _map_domain_errors(app)

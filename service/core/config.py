@@ -44,6 +44,10 @@ class Settings(WorkerSettings):
     topk_batch_rows: int = Field(
         default=64, ge=1, description="Most examples of concurrent top-k requests answered together."
     )
+    topk_batch_wait_ms: float = Field(
+        default=4.0, ge=0, description="Under concurrent load, how long a top-k batch waits for "
+        "as many requests as the previous batch had (never when requests come one at a time).",
+    )
     api_query_max_parameters: int = Field(
         default=50_000_000,
         ge=0,
@@ -53,6 +57,10 @@ class Settings(WorkerSettings):
         default=60.0, gt=0, description="How long a top-k request waits for a worker's query."
     )
     torch_threads: int = Field(default=1, ge=1, description="Torch threads per API process.")
+    api_workers: int = Field(
+        default=1, ge=1, description="uvicorn worker processes `tda serve` starts; above 1, "
+        "/metrics sums all of them through PROMETHEUS_MULTIPROC_DIR (default {data_dir}/metrics).",
+    )
 
 
 @lru_cache

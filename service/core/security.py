@@ -49,15 +49,26 @@ def check_tenant(tenant: str) -> str:
 
 
 class KeyStore:
-    """The key file, re-read when it changes on disk (so `tda keys create` needs no restart)."""
+    """The key file, re-read when it changes on disk (so `tda keys create` needs no restart).
 
-    def __init__(self, path: Path):
+    A known key is re-checked against the file at most every ``recheck_seconds`` (a revoked
+    key stops working within that time); an unknown key always looks at the file again, so a
+    key created a moment ago by another process works at once.
+    """
+
+    def __init__(self, path: Path, recheck_seconds: float = 1.0):
         self.path = path
+        self.recheck = recheck_seconds
         self._lock = threading.Lock()
         self._mtime: float | None = None
+        self._checked = -float("inf")
         self._keys: dict[str, dict] = {}
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self, fresh: bool = True) -> dict[str, dict]:
+        now = time.monotonic()
+        if not fresh and now - self._checked < self.recheck:
+            return self._keys  # no stat on the hot path: each one can wait for the GIL
+        self._checked = now
         try:
             mtime = self.path.stat().st_mtime_ns
         except FileNotFoundError:
@@ -76,7 +87,9 @@ class KeyStore:
         """
         digest = hash_key(key)
         with self._lock:
-            entry = self._load().get(digest)
+            entry = self._load(fresh=False).get(digest)
+            if entry is None:
+                entry = self._load().get(digest)
         if entry is None:
             return None
         return Principal(entry["tenant"], frozenset(entry["scopes"]), digest[:12],

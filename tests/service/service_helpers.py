@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import httpx
 
 from service.client import Client
 from service.demo import DigitsData
+from service.embedded import Embedded, free_port
 from service.harness import Harness
 
 PROBLEM = "application/problem+json"
@@ -58,3 +61,16 @@ def snapshot(world: World) -> tuple[list[str], list[str]]:
     store = world.harness.store()
     jobs = sorted(store.redis.scan_iter(match=f"{store.prefix}job*"))
     return files, jobs
+
+
+@contextmanager
+def extra_api(world: World, logs: Path, **settings: object) -> Iterator[Embedded]:
+    """Another API process (no worker) on the world's Redis and data, with changed settings."""
+    changed = world.harness.settings.model_copy(update={"port": free_port(), **settings})
+    api = Embedded(changed, worker=False, logs=logs)
+    api.start_api()
+    try:
+        api.wait_ready(60)
+        yield api
+    finally:
+        api.stop()

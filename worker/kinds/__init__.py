@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from worker.kinds import attribution, build_index, evaluate, mislabel, valuation
+from worker.kinds import (
+    attribution,
+    build_index,
+    evaluate,
+    mislabel,
+    provenance,
+    subsets,
+    valuation,
+)
 
 KINDS: dict[str, ModuleType] = {
     "attribution": attribution,
@@ -12,4 +20,6 @@ KINDS: dict[str, ModuleType] = {
     "mislabel": mislabel,
     "evaluate": evaluate,
     "build_index": build_index,
+    "subsets": subsets,
+    "provenance": provenance,
 }

@@ -86,5 +86,5 @@ async def topk(name: str, body: TopKRequest, services: ServicesDep, who: Reader)
     response = await answer(services.indexes.batcher(who.tenant, name), body,
                       services.settings.max_topk_k, services.settings.max_topk_examples,
                       services.settings.query_timeout_seconds)
-    TOPK_QUERIES.labels(name).inc(len(body.examples.x))
+    TOPK_QUERIES.labels(name).inc(len(body.examples))
     return response

@@ -19,7 +19,11 @@ from service.state import Services
 from worker import results
 from worker.jobstore import Job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses={
+    **PROBLEM_RESPONSES,
+    410: {**PROBLEM_RESPONSES[404], "description": "The job ended more than "
+          "TDA_RESULT_TTL_DAYS ago: its record and result were deleted"},
+})
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=200,
@@ -50,9 +54,18 @@ def _out(job: Job) -> JobOut:
 def _own(services: Services, who: Principal, job_id: str) -> Job:
     """The job if it exists *and* belongs to the caller's tenant (otherwise the same 404)."""
     job = services.jobs.get(job_id) if len(job_id) <= 64 else None
+    if job is None and len(job_id) <= 64 and services.jobs.expired_tenant(job_id) == who.tenant:
+        raise _expired(services, job_id)
     if job is None or job.tenant != who.tenant:
         raise not_found("job", job_id, "list your jobs with GET /v1/jobs")
     return job
+
+
+def _expired(services: Services, job_id: str) -> Problem:
+    days = services.settings.result_ttl_days
+    return Problem(410, "expired", f"job {job_id} ended more than {days:g} day(s) ago "
+                   f"(TDA_RESULT_TTL_DAYS); its record and result were deleted. Submit the job "
+                   "again to recompute it.")
 
 
 @router.post("", response_model=JobOut, status_code=202,
@@ -83,12 +96,15 @@ def get_job(job_id: str, services: ServicesDep, who: Reader) -> JobOut:
     return _out(_own(services, who, job_id))
 
 
-def _result_dir(job: Job) -> Path:
+def _result_dir(services: Services, job: Job) -> Path:
     if job.state != "succeeded" or job.result is None:
         hint = f"it is {job.state}" + (": see its error" if job.state == "failed" else
                                         "; poll GET /v1/jobs/{id} until it succeeds")
         raise Problem(409, "no-result", f"job {job.id} has no result: {hint}")
-    return Path(job.result["path"])
+    directory = Path(job.result["path"])
+    if not directory.is_dir():  # expired between the read of the record and now
+        raise _expired(services, job.id)
+    return directory
 
 
 @router.get("/{job_id}/result", response_model=ResultPage)
@@ -97,7 +113,10 @@ def get_result(job_id: str, request: Request, services: ServicesDep, who: Reader
                ) -> ResultPage:
     """One page of the result table (e.g. records ranked by self-influence or value)."""
     job = _own(services, who, job_id)
-    items, total = results.read_page(_result_dir(job), offset, limit)
+    try:
+        items, total = results.read_page(_result_dir(services, job), offset, limit)
+    except FileNotFoundError:  # purged while this request read it
+        raise _expired(services, job.id) from None
     nxt = (f"{request.url.path}?offset={offset + limit}&limit={limit}"
            if offset + limit < total else None)
     return ResultPage(job_id=job.id, items=items,
@@ -111,7 +130,7 @@ def get_result(job_id: str, request: Request, services: ServicesDep, who: Reader
 def get_result_array(job_id: str, name: str, services: ServicesDep, who: Reader) -> FileResponse:
     """A stored NumPy array of the result (e.g. the full ``scores`` matrix), as ``.npy``."""
     job = _own(services, who, job_id)
-    directory = _result_dir(job)
+    directory = _result_dir(services, job)
     path = results.array_path(directory, name) if name.isidentifier() else None
     if path is None:
         raise not_found("array", name, f"this result has {sorted(job.result['arrays'])}")
