@@ -8,6 +8,7 @@ without a restart while the old object finishes the queries it has.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -109,7 +110,11 @@ class IndexCache:
             return len(self._open)
 
     def preload(self) -> None:
-        """Open every tenant's indexes and restore their query side (for /readyz)."""
+        """Open every tenant's indexes and restore their query side (for /readyz).
+
+        What is alive then (modules, models, indexes) lives as long as the process: it is
+        frozen out of the garbage collector, whose full passes would otherwise rescan it under
+        the GIL (190 ms for the 330k objects of a process serving one 100k index)."""
         tenants = self.settings.data_dir / "tenants"
         try:
             for tenant_dir in sorted(tenants.iterdir()) if tenants.is_dir() else []:
@@ -122,6 +127,7 @@ class IndexCache:
                         self.preload_errors[f"{tenant_dir.name}/{name}"] = str(err)
                         log.warning("could not preload index %s/%s: %s", tenant_dir.name, name, err)
         finally:
+            gc.freeze()
             self.preload_done.set()
 
     def close(self) -> None:
