@@ -1,7 +1,7 @@
 """Text examples for top-k: tokenised in the API with the tokenizer the index's model card names.
 
-The tokenizer is the one the indexer used for the corpus (``indexer.corpus.hf_tokenizer``: a
-local Hugging Face directory, never downloaded), loaded once per open index version. Token
+The tokenizer is the one the indexer used for the corpus (``indexer.verbatim.text_tokenizer``:
+the model's word-level tokenizer or a local Hugging Face directory, never downloaded), loaded once per open index version. Token
 rows are padded the way the corpus was: to the corpus's sequence length for classification and
 regression, to the longest text (at most the card's ``max_length``) for causal-LM, whose labels
 are the tokens themselves with padding ignored.
@@ -50,10 +50,10 @@ class TextEncoder:
         self.check()
         with self._lock:
             if self._tokenize is None:
-                from indexer.corpus import hf_tokenizer
+                from indexer.verbatim import text_tokenizer
 
                 try:
-                    self._tokenize = hf_tokenizer(self.directory)  # type: ignore[arg-type]
+                    self._tokenize = text_tokenizer(self.directory)  # type: ignore[arg-type]
                 except (OSError, ValueError) as err:
                     raise Problem(422, "text-not-supported", f"the tokenizer of index "
                                   f"{self.index_name!r} ({self.directory}) cannot be loaded "

@@ -149,3 +149,12 @@ def test_provenance_job_refuses_blank_outputs_at_submission(world, lm) -> None:
             "index": "demo-lm", "items": [{"output": "fine"}, {"output": " \t"}]}})
     assert reply.status_code == 422 and reply.headers["content-type"] == PROBLEM
     assert "empty" in reply.text
+
+
+def test_topk_by_text_uses_the_models_word_level_tokenizer(world, lm) -> None:
+    """Top-k accepts the memorised passage as text: the demo LM's word-level tokenizer reads it."""
+    doc_id, passage, _ = PASSAGES[0]
+    with world.http(world.reader) as http:
+        reply = http.post("/v1/indexes/demo-lm/topk", json={"examples": {"text": [passage]}, "k": 3})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["results"][0]["proponents"][0]["id"] == doc_id
