@@ -1,7 +1,10 @@
 """AirRep: a trained encoder whose inner products predict data influence (Sun et al., NeurIPS 2025).
 
-* **Encoder** ``enc``: an MLP ``input (+ one-hot label) → hidden → ReLU → hidden → ReLU → dim``
-  (a final linear projection); scores are raw, unnormalised inner products
+* **Encoder** ``enc`` (:mod:`attribution.encoders`): ``features="input"`` reads the input (an
+  MLP, or one linear projection with ``hidden=0``, e.g. on frozen MiniLM sentence embeddings);
+  ``features="model"`` reads the trained target model's own frozen representation (residual and
+  penultimate activations, embedded as a K-FAC-whitened last-layer gradient) under a trainable
+  per-direction scale. Scores are raw, unnormalised inner products
   ``score(test, train_i) = ⟨enc(test), enc(train_i)⟩``, so single-example top-k is plain
   inner-product search in the same index format as every other method.
 * **Label conditioning** (default on for classification): the one-hot label is concatenated to the
@@ -17,7 +20,8 @@
 * **Objective**: per dev example, a pairwise RankNet loss over the subsets of a step — for every
   pair with t_a > t_b, softplus(−(score_a − score_b)) weighted by min(t_a − t_b, cap)
   (:func:`ranknet_loss`) — with the predicted subset score the group score of the subset.
-  Adam, ``steps`` steps, everything seeded by ``seed``.
+  Adam, ``steps`` steps, everything seeded by ``seed``. With ``holdout`` > 0, a share of the
+  subsets and dev examples is held out and the encoder with the best held-out LDS is kept.
 
 Trained encoders are saved as ``.safetensors`` with a JSON manifest of how they were trained
 (:meth:`AirRep.save` / :meth:`AirRep.load`).
@@ -148,6 +152,7 @@ class AirRepArguments(MethodArguments):
     subsets_per_step: int = 32  # subsets ranked against each other in one step
     dev_per_step: int = 64  # dev examples per step
     weight_cap: float = 1.0  # cap on |t_a − t_b| as a pair weight
+    temperature: float = 1.0  # RankNet compares temperature × (s_a − s_b)
     pooling: str = "attention"  # subset score in training: "attention" (the paper) or "mean"
     holdout: float = 0.0  # fraction of subsets *and* dev examples kept for model selection
     eval_every: int = 25  # steps between held-out evaluations (when holdout > 0)
@@ -166,7 +171,7 @@ class AirRepArguments(MethodArguments):
             raise AttributionError(
                 f"subsets_per_step must be at least 2 (pairs of subsets), got {self.subsets_per_step}"
             )
-        for name in ("learning_rate", "lambda_scale", "weight_cap"):
+        for name in ("learning_rate", "lambda_scale", "weight_cap", "temperature"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise AttributionError(f"{name} must be positive, got {value}")
@@ -184,7 +189,7 @@ class AirRep(Method):
     ``results.losses`` are the dev losses); ``AirRep(task, encoder=...)`` uses a trained encoder
     (an :class:`AirRepEncoder`, or the path of a ``.safetensors`` written by :meth:`save`).
     Without either, the encoder is the seeded, untrained one (a baseline; with
-    ``features="model"`` the whitened last-layer gradient similarity).
+    ``features="model"`` the K-FAC-whitened last-layer gradient similarity).
     """
 
     name: ClassVar[str] = "airrep"
@@ -305,7 +310,7 @@ class AirRep(Method):
             prefix = self._prefix(examples)
             for start in range(0, len(prefix), self.args.batch_size):
                 parts.append(encoder.head(prefix[start : start + self.args.batch_size]))
-        return torch.cat(parts) if parts else prefix[:, :0]
+        return torch.cat(parts)
 
     # --- training ------------------------------------------------------------------------------
     def _check_subsets(self, train: Examples) -> Any:
@@ -379,7 +384,9 @@ class AirRep(Method):
                 masks[ks][:, used].to(self.device),
                 args.pooling,
             )
-            loss = ranknet_loss(scores, targets[ks][:, js].to(self.device), args.weight_cap)
+            loss = ranknet_loss(
+                scores * args.temperature, targets[ks][:, js].to(self.device), args.weight_cap
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
