@@ -31,7 +31,7 @@ from torch import nn
 from attribution.data import Examples
 from attribution.errors import AttributionError
 from attribution.tasks import Task
-from attribution.training import TaskFactory, TrainConfig, evaluate_outputs, train
+from attribution.training import TaskFactory, TrainConfig, evaluate_outputs, torch_threads, train
 
 ModelFactory = Callable[[int], nn.Module]
 """seed → freshly initialised model (e.g. ``lambda seed: models.mlp(seed=seed)``)."""
@@ -211,8 +211,9 @@ def _train_and_measure(
             "instance: each retrained model is wrapped afresh"
         )
     model = make_model(seed)
-    train(model, task, train_set, dataclasses.replace(config, seed=seed))
-    outputs, losses = evaluate_outputs(model, task, test_set)
+    with torch_threads(config.num_threads):  # same threads, same bits: measured like trained
+        train(model, task, train_set, dataclasses.replace(config, seed=seed))
+        outputs, losses = evaluate_outputs(model, task, test_set)
     return outputs.double().numpy(), losses.double().numpy()
 
 
