@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,8 @@ from torch.func import grad, vmap
 from attribution.errors import AttributionError
 from attribution.projectors import DenseProjector, KroneckerProjector, ProjectionKind, derive_seed
 from attribution.tasks import Measurement, Task
+
+logger = logging.getLogger(__name__)
 
 GradientMode = Literal["auto", "dense", "factored"]
 #: models with more parameters than this use the factored path under ``gradient="auto"``
@@ -37,6 +40,10 @@ def per_example_gradients(
     """Full per-example gradients (B, p) of the measurement, for the loaded checkpoint.
 
     ``measurement="loss"`` gives −∇L_i (the train side); ``"output"`` gives ∇f_i.
+    Vectorised with ``vmap``; a model vmap cannot trace (data-dependent Python control flow,
+    e.g. Hugging Face classifiers locating the last non-pad token) is differentiated one
+    example at a time instead: the same gradients, only slower. The reason is kept in
+    ``task.vmap_failure``.
     """
     params = task.params()
 
@@ -44,8 +51,22 @@ def per_example_gradients(
         outputs = task.forward(xi.unsqueeze(0), params)
         return task.measurement(outputs, yi.unsqueeze(0), measurement)[0]
 
-    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
-    return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
+    if getattr(task, "vmap_failure", None) is None:
+        try:
+            grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+            return torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], dim=1)
+        except RuntimeError as err:
+            if "vmap" not in str(err):
+                raise
+            task.vmap_failure = str(err).split(". ")[0]
+            logger.warning(
+                "%s cannot be vectorised with torch.func.vmap (%s); computing per-example "
+                "gradients one example at a time",
+                type(task.model).__name__,
+                task.vmap_failure,
+            )
+    rows = [grad(one)(params, x[i], y[i]) for i in range(x.shape[0])]
+    return torch.stack([torch.cat([g.reshape(-1) for g in row.values()]) for row in rows])
 
 
 # --- hook-based capture of layer inputs and output gradients ------------------------------
@@ -223,7 +244,11 @@ class DenseFeaturizer(Featurizer):
         projection = (
             self.projector.describe() if self.projector else {"kind": "none", "dim": self.p}
         )
-        return {"gradient": "dense", "projection": projection}
+        described: dict = {"gradient": "dense", "projection": projection}
+        if getattr(self.task, "vmap_failure", None) is not None:
+            described["vectorized"] = False
+            described["vmap_failure"] = self.task.vmap_failure
+        return described
 
 
 class FactoredFeaturizer(Featurizer):

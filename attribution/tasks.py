@@ -50,6 +50,8 @@ class Task:
         self.lock = threading.RLock()
         self.checkpoints = as_checkpoints(checkpoints, learning_rates, model)
         self.loaded_checkpoint: int | None = None
+        #: why torch.func.vmap cannot trace the model (set on first failure; see gradients.py)
+        self.vmap_failure: str | None = None
         for index, checkpoint in enumerate(self.checkpoints):
             if not isinstance(checkpoint.state, dict):
                 continue  # files are checked when first loaded, one at a time
@@ -71,11 +73,21 @@ class Task:
     # --- the model-specific part -----------------------------------------------------------
     def forward(self, x: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Model outputs for a batch; with ``params``, a functional call (for torch.func)."""
-        if params is None:
-            out = self.model(x)
-        else:
-            buffers = dict(self.model.named_buffers())
-            out = functional_call(self.model, {**buffers, **params}, (x,))
+        try:
+            if params is None:
+                out = self.model(x)
+            else:
+                buffers = dict(self.model.named_buffers())
+                out = functional_call(self.model, {**buffers, **params}, (x,))
+        except ValueError as err:
+            if "padding token" not in str(err):
+                raise
+            # Hugging Face classifiers without config.pad_token_id refuse batches > 1
+            raise AttributionError(
+                f"{type(self.model).__name__} cannot score a batch of {x.shape[0]}: {err} "
+                "Set pad_token_id in the model's config.json to the id the inputs are padded "
+                "with (corpora of token ids are padded with 0)."
+            ) from err
         return getattr(out, "logits", out)
 
     def output(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

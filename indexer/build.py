@@ -55,11 +55,13 @@ from indexer.methods import METHOD_NAMES, check_index_dim, describe_method, make
 from indexer.paths import atomic_write_text, sha256_file
 from indexer.probe import PROBE, PROBE_RECORDS, make_probe, probe_fingerprint, write_probe
 from indexer.store import (
+    LABELS,
     VectorStore,
     choose_scale,
     load_npy,
     quantize,
     save_ids,
+    save_labels,
     save_npy,
     to_float32,
     write_records,
@@ -171,6 +173,7 @@ def build_index(
                                          self_influence, show_progress, progress)
         write_state(out, engine.state_dict())
         save_ids(out / "ids.parquet", corpus.ids)
+        save_labels(out, corpus.y)
         save_npy(out / "deleted.npy", np.zeros(len(corpus), bool))
         _write_records_fresh(out / "records.sqlite", np.arange(len(corpus)), corpus)
         dim = shards[0]["dim"]
@@ -452,7 +455,7 @@ def file_digests(out: Path, self_influence: bool) -> dict[str, dict[str, Any]]:
     """Size and sha256 of the version's files other than vector shards (checked on open)."""
     names = ["state.safetensors", "ids.parquet", "deleted.npy", "records.sqlite", "index.faiss",
              "recall_queries.npy"]
-    names += [n for n in ("scale.json", PROBE, "faiss_labels.npy") if (out / n).is_file()]
+    names += [n for n in ("scale.json", PROBE, "faiss_labels.npy", LABELS) if (out / n).is_file()]
     names += sorted(f"self_influence/{p.name}" for p in (out / "self_influence").glob("*.npy")) if self_influence else []
     return {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in names}
 

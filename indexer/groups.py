@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from indexer.errors import IndexerError
+from indexer.store import load_labels
 
 POOLINGS = ("attention", "sum", "mean")
-LABEL = "label"  # the pseudo-field naming class labels (read from the indexed corpora)
+LABEL = "label"  # the pseudo-field naming class labels (stored with the index: labels.npy)
 _BLOCK_ROWS = 16384
 
 
@@ -162,10 +163,16 @@ class _Catalog:
         return {k: np.asarray(sorted(v), np.int64) for k, v in self._metadata[field].items()}
 
     def _labels(self) -> dict[str, np.ndarray]:
-        labels = record_labels(self.index)
-        rows = self.index.rows_of(list(labels))
+        _check_classification(self.index)
+        stored = load_labels(self.index.path)
+        if stored is not None and len(stored) == len(self.index.row_ids):
+            rows = np.flatnonzero(self.index.live)
+            values = stored[rows].tolist()
+        else:  # a version built before labels were stored: read them from the corpus files
+            labels = record_labels(self.index)
+            rows, values = self.index.rows_of(list(labels)), list(labels.values())
         found: dict[str, list[int]] = defaultdict(list)
-        for row, label in zip(rows.tolist(), labels.values(), strict=True):
+        for row, label in zip(rows.tolist(), values, strict=True):
             found[_key(label)].append(row)
         return {k: np.asarray(sorted(v), np.int64) for k, v in found.items()}
 
@@ -201,15 +208,19 @@ def _read_metadata(path: Path, live: np.ndarray) -> dict[str, dict[str, list[int
     return fields
 
 
-def record_labels(index: Any) -> dict[str, Any]:
-    """id → class label of every live record, read from the corpora the index was built and
-    extended from (the index stores no labels); each file must still match its sha256."""
-    from indexer.corpus import FORMATS, _read_jsonl, _read_npz, _read_parquet
-    from indexer.paths import sha256_file
-
+def _check_classification(index: Any) -> None:
     if index.manifest["model"]["task"] != "classification":
         raise IndexerError(f"label groups need a classification index; {index.name} is "
                            f"{index.manifest['model']['task']}: group by a metadata field")
+
+
+def record_labels(index: Any) -> dict[str, Any]:
+    """id → class label of every live record, for versions without ``labels.npy``: read from
+    the corpora the index was built and extended from; each file must still match its sha256."""
+    from indexer.corpus import FORMATS, _read_jsonl, _read_npz, _read_parquet
+    from indexer.paths import sha256_file
+
+    _check_classification(index)
     sources = [(index.manifest["corpus"]["path"], index.manifest["corpus"]["sha256"])]
     sources += [(h["corpus"], h["corpus_sha256"]) for h in index.manifest.get("history", [])
                 if h.get("op") == "add" and h.get("corpus")]

@@ -4,7 +4,9 @@
 * ``ids.parquet`` — the id of every row ever stored (row numbers never change);
 * ``deleted.npy`` — tombstones, one bool per row;
 * ``self_influence.npy`` — ⟨query(i), train(i)⟩ per row (float32), when computed;
-* ``records.sqlite`` — metadata of live records, looked up by id.
+* ``records.sqlite`` — metadata of live records, looked up by id;
+* ``labels.npy`` — the class label / regression target of every row (one-number targets only),
+  so label groups never need the corpus files again (older versions lack it).
 
 Files are immutable once a version is published; a new version hard-links the ones it keeps.
 """
@@ -140,6 +142,28 @@ class VectorStore:
                     if not raw and self.scale != 1.0:
                         values = values / np.float32(self.scale)
                     yield rows, values
+
+
+# --- labels / targets ---------------------------------------------------------------------------
+LABELS = "labels.npy"
+
+
+def save_labels(directory: Path, targets: np.ndarray, base: Path | None = None) -> None:
+    """Write ``labels.npy`` (row order) for one-number targets; with ``base``, append ``targets``
+    to the base version's labels, and write nothing when the base has none (an old index)."""
+    targets = np.asarray(targets)
+    if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.number):
+        return  # causal-LM token labels: nothing to group by
+    if base is not None:
+        if not (base / LABELS).is_file():
+            return
+        targets = np.concatenate([np.asarray(load_npy(base / LABELS)), targets])
+    save_npy(directory / LABELS, targets)
+
+
+def load_labels(directory: Path) -> np.ndarray | None:
+    """The stored label of every row, or None for versions built before labels were stored."""
+    return np.asarray(load_npy(directory / LABELS)) if (directory / LABELS).is_file() else None
 
 
 # --- ids ----------------------------------------------------------------------------------------

@@ -38,7 +38,16 @@ from indexer.build import (
 from indexer.errors import IndexerError
 from indexer.index import AttributionIndex
 from indexer.layout import index_dir, locked, publish, write_current, write_manifest
-from indexer.store import VectorStore, link_or_copy, load_npy, save_ids, save_npy, write_records
+from indexer.store import (
+    LABELS,
+    VectorStore,
+    link_or_copy,
+    load_npy,
+    save_ids,
+    save_labels,
+    save_npy,
+    write_records,
+)
 
 
 def _index_root(index: str | Path, root: str | Path | None) -> Path:
@@ -61,7 +70,7 @@ def _start_version(base: AttributionIndex, out: Path) -> None:
         si = base.path / "self_influence" / Path(shard["file"]).name
         if si.is_file():
             link_or_copy(si, out / "self_influence" / si.name)
-    for name in ("state.safetensors", "recall_queries.npy", "scale.json", "probe.npz"):
+    for name in ("state.safetensors", "recall_queries.npy", "scale.json", "probe.npz", LABELS):
         if (base.path / name).is_file():
             link_or_copy(base.path / name, out / name)
     if (base.path / "verbatim").is_dir():  # provenance spans; deleted ids are filtered on query
@@ -114,6 +123,7 @@ def add_records(
         n0, m = manifest["counts"]["rows"], len(corpus)
         new_rows = np.arange(n0, n0 + m)
         save_ids(out / "ids.parquet", np.concatenate([base.row_ids, corpus.ids]))
+        save_labels(out, corpus.y, base=base.path)
         deleted = np.concatenate([base.deleted, np.zeros(m, bool)])
         save_npy(out / "deleted.npy", deleted)
         write_records(out / "records.sqlite", new_rows, corpus.ids, corpus.metadata,

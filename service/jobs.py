@@ -48,9 +48,15 @@ def submit(services: Services, who: Principal, job: BaseModel, idempotency_key: 
         raise Problem(422, "invalid-request", f"a job takes at most "
                       f"{services.settings.max_job_examples} inline examples (TDA_MAX_JOB_EXAMPLES)")
     resolved = resolve(services, who, kind, params)
-    for field in _EXAMPLE_FIELDS.get(kind, []):
-        resolved[f"{field}_path"] = str(store_examples(services, who, field, params.pop(field)))
+    encoded = [(field, encode_examples(services, who, field, params.pop(field)))
+               for field in _EXAMPLE_FIELDS.get(kind, [])]
+    for field, (path, _) in encoded:
+        resolved[f"{field}_path"] = str(path)
         resolved.pop(field, None)
+    if kind == "evaluate" and resolved.get("subsets_job"):
+        check_subsets_job(services, who, resolved)
+    for _, (path, data) in encoded:  # only once the request is known to be good
+        write_once(path, data)
     queue = services.settings.queues[queue_for(kind, resolved)]
     created, _ = services.jobs.create(job_id, who.tenant, kind, queue, resolved, digest)
     if not created:  # a concurrent request with the same key won the race
@@ -115,23 +121,38 @@ def _registered(registry: Registry, name: str) -> str:
     return record["path"]
 
 
-def store_examples(services: Services, who: Principal, field: str, examples: dict[str, Any]
-                   ) -> Path:
-    """Write inline examples to ``{tenant}/inputs/<sha256>.npz`` once (content-addressed)."""
+def check_subsets_job(services: Services, who: Principal, resolved: dict[str, Any]) -> None:
+    """404 for an unknown subsets job (or another tenant's), 422 for a job of another kind, one
+    not succeeded, or one retrained with another model, corpus or test set."""
+    from worker.kinds.subsets import subsets_job_problem
+
+    job = services.jobs.get(resolved["subsets_job"])
+    problem = subsets_job_problem(job, who.tenant, resolved)
+    if problem is not None:
+        raise Problem(*problem)
+
+
+def encode_examples(services: Services, who: Principal, field: str, examples: dict[str, Any]
+                    ) -> tuple[Path, bytes]:
+    """Inline examples as ``.npz`` bytes and the content-addressed path they belong at."""
     x, y = examples_arrays(examples["x"], examples.get("y"), field)
     buffer = io.BytesIO()
     arrays = {"x": x} if y is None else {"x": x, "y": y}
     np.savez(buffer, **arrays)
     data = buffer.getvalue()
     directory = services.settings.tenant_dir(who.tenant) / "inputs"
-    path = directory / f"{hashlib.sha256(data).hexdigest()}.npz"
-    if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(directory)
-    return path
+    return directory / f"{hashlib.sha256(data).hexdigest()}.npz", data
+
+
+def write_once(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically unless it exists (its name is its content hash)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -64,7 +64,7 @@ class _Retraining(_Params):
     model: str
     corpus: str
     test: ExamplesIn
-    num_subsets: int = Field(default=20, ge=2, le=500)
+    num_subsets: int = Field(default=20, ge=3, le=500)
     alpha: float = Field(default=0.5, gt=0, le=1, description="Fraction of the corpus per subset.")
     epochs: int | None = Field(default=None, ge=1, le=10000, description="Retraining epochs.")
     seed: int = Field(default=0, description="Seed of the subsets (SubsetPlan).")
@@ -84,7 +84,7 @@ class SubsetsParams(_Retraining):
     """The subset-retraining ground truth itself (what `tda eval lds` and AirRep consume),
     retrained in parallel chunks by the workers."""
 
-    num_subsets: int = Field(default=100, ge=2, le=5000)
+    num_subsets: int = Field(default=100, ge=3, le=5000)
     n_seeds: int = Field(default=1, ge=1, le=20, description="Models averaged per subset.")
     chunk_size: int = Field(default=4, ge=1, le=1000, description="Subsets per worker task.")
 

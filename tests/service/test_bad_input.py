@@ -85,6 +85,8 @@ def bad_requests(world) -> list[tuple[str, str, dict, int]]:  # type: ignore[no-
         ("POST", "/v1/jobs", {"json": _job("mislabel", index="digits", model="digits",
                                            corpus="digits")}, 422),
         ("POST", "/v1/jobs", {"json": _job("mislabel", index="nope")}, 404),
+        ("POST", "/v1/jobs", {"json": _job("evaluate", model="digits", corpus="digits",
+                                           test={"x": [_row()], "y": [1]}, num_subsets=2)}, 422),
         ("POST", "/v1/jobs", {"json": _job("attribution", model="nope", corpus="digits",
                                            examples=test)}, 404),
         ("POST", "/v1/jobs", {"json": _job("attribution", model="digits", corpus="digits",

@@ -19,7 +19,7 @@ from attribution import models, training
 from attribution.data import Examples
 from attribution.evaluate import SubsetPlan, SubsetResults, lds, retrain_on_subsets
 from attribution.tasks import ClassificationTask
-from service.client import Client
+from service.client import APIError, Client
 from service.commands import register
 from service.demo import prepare_digits
 from service.harness import Harness
@@ -170,12 +170,14 @@ def test_evaluate_reuses_a_subsets_job(system):
                           ["id"], timeout=120)
         other_test = {**evaluate, "subsets_job": reference["id"],
                       "test": {"x": data.test_x[:5].tolist(), "y": data.test_y[:5].tolist()}}
-        bad = [tda.wait(tda.submit("evaluate", body)["id"], raise_on_failure=False)
-               for body in (other_test, {**evaluate, "subsets_job": "no-such-job"})]
+        bad = []  # refused at submission (tests/service/test_subsets_validation.py has the rest)
+        for body in (other_test, {**evaluate, "subsets_job": "no-such-job"}):
+            with pytest.raises(APIError) as refused:
+                tda.submit("evaluate", body)
+            bad.append(refused.value)
     assert retrained["result"]["summary"]["retraining"]["chunks"] == 3
     assert reused["result"]["summary"]["retraining"] == {"subsets_job": reference["id"]}
     assert reused["result"]["summary"]["lds"] == retrained["result"]["summary"]["lds"]
-    assert [b["state"] for b in bad] == ["failed", "failed"]
-    assert all(b["error"]["type"].endswith("invalid-input") for b in bad)
-    assert "another test" in bad[0]["error"]["detail"]
-    assert "no subsets job" in bad[1]["error"]["detail"]
+    assert [b.status for b in bad] == [422, 404]
+    assert "another test" in bad[0].detail
+    assert "no subsets job" in bad[1].detail

@@ -230,6 +230,28 @@ def run(ctx: JobContext) -> Result:
     return Result(table, arrays, summary)
 
 
+def subsets_job_problem(job: Any, tenant: str, params: dict[str, Any]
+                        ) -> tuple[int, str, str] | None:
+    """Why ``job`` cannot stand in for retraining in an ``evaluate`` job of ``tenant`` with the
+    resolved ``params``: (HTTP status, problem type, detail), or None when it can. Checked when
+    the evaluate job is submitted and again when it runs."""
+    job_id = params["subsets_job"]
+    if job is None or job.tenant != tenant:
+        return (404, "not-found", f"no subsets job {job_id!r}: submit one (kind 'subsets') and "
+                "pass its id")
+    if job.kind != "subsets":
+        return (422, "invalid-subsets-job", f"job {job_id} is a {job.kind!r} job, not a subsets "
+                "job: pass the id of a job of kind 'subsets'")
+    if job.state != "succeeded" or job.result is None:
+        return (422, "subsets-job-not-finished", f"subsets job {job_id} is {job.state}; wait "
+                "until it has succeeded")
+    for key, what in (("model_path", "model"), ("corpus_path", "corpus"), ("test_path", "test")):
+        if job.params.get(key) != params.get(key):
+            return (422, "subsets-job-mismatch", f"subsets job {job_id} retrained with another "
+                    f"{what}; evaluate with the model, corpus and test examples it used")
+    return None
+
+
 def finished_results(ctx: JobContext, job_id: str) -> Any:
     """The ``SubsetResults`` of this tenant's finished ``subsets`` job ``job_id``, checked to be
     for the same model, corpus and test examples as ``ctx`` (so LDS can reuse it)."""
@@ -238,14 +260,9 @@ def finished_results(ctx: JobContext, job_id: str) -> Any:
     from worker.tasks import job_store
 
     job = job_store().get(job_id) if len(job_id) <= 64 else None
-    if job is None or job.tenant != ctx.tenant or job.kind != "subsets":
-        raise IndexerError(f"no subsets job {job_id!r}: submit one (kind 'subsets') and pass its id")
-    if job.state != "succeeded" or job.result is None:
-        raise IndexerError(f"subsets job {job_id} is {job.state}; wait until it has succeeded")
-    for key, what in (("model_path", "model"), ("corpus_path", "corpus"), ("test_path", "test")):
-        if job.params.get(key) != ctx.params.get(key):
-            raise IndexerError(f"subsets job {job_id} retrained with another {what}; evaluate "
-                               "with the model, corpus and test examples it used")
+    problem = subsets_job_problem(job, ctx.tenant, {**ctx.params, "subsets_job": job_id})
+    if problem is not None:
+        raise IndexerError(problem[2])
     directory, summary = Path(job.result["path"]), job.result["summary"]
     arrays = [np.load(directory / f"{name}.npy", allow_pickle=False)
               for name in ("masks", "outputs", "losses", "subset_ids")]
