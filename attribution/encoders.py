@@ -16,12 +16,21 @@ Two kinds of input, one module (:class:`AirRepEncoder`), chosen by ``features``:
   encoder already scores a last-layer, K-FAC-whitened gradient similarity; RankNet fine-tunes a
   trainable per-direction scale (``projection``, ones at initialisation). Cost per example: the
   model's forward pass and (C + h)·C + h² multiply-adds for the two small rotations.
+
+  Two generalisations (``blocks``): ``layers`` > 1 reads the last few linear layers, each as the
+  pair (back-propagated residual g = −∂L/∂(layer output), layer input [a, 1]) whose outer product
+  is that layer's negative loss gradient (:func:`model_inputs`); the ``dim`` directions go to the
+  (layer, a, b) triples of largest K-FAC eigenvalue over all layers, each layer damped by its own
+  λ (block-diagonal K-FAC). ``members`` > 1 concatenates the blocks of several checkpoints
+  (an ensemble): ``dim / members`` directions each, every member normalised to unit mean squared
+  norm and scaled by 1/√members, so inner products average the members' scores (like TRAK's).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +51,12 @@ class Scale(nn.Module):
         return z * self.weight
 
 
+def _buffer_names(block: int) -> tuple[str, str, str, str, str]:
+    """The buffers of one (layer, checkpoint) block (block 0 keeps the single-layer names)."""
+    suffix = f"_{block}" if block else ""
+    return tuple(f"{n}{suffix}" for n in ("r_basis", "h_basis", "pair_r", "pair_h", "pair_scale"))
+
+
 class AirRepEncoder(nn.Module):
     """Encoder input (see the module docstring) → an embedding of length ``dim``."""
 
@@ -54,6 +69,8 @@ class AirRepEncoder(nn.Module):
         seed: int = 0,
         features: str = "input",
         outputs: int = 0,
+        blocks: Sequence[Sequence[int]] | None = None,
+        members: int = 1,
     ) -> None:
         super().__init__()
         if features not in FEATURES:
@@ -65,26 +82,25 @@ class AirRepEncoder(nn.Module):
             )
         if features == "model":
             hidden, num_classes = 0, 0  # the residual already carries the label
-            if not 1 <= outputs < in_features:
-                raise AttributionError(
-                    f"a 'model' encoder reads [r, h]: outputs={outputs} must lie in "
-                    f"[1, in_features={in_features})"
-                )
+            blocks = _check_blocks(in_features, dim, outputs, blocks, members)
+            outputs = blocks[0][0]
         else:
-            outputs = 0
+            outputs, blocks, members = 0, [], 1
         self.in_features, self.dim, self.hidden = in_features, dim, hidden
         self.num_classes, self.features, self.outputs = num_classes, features, outputs
+        self.blocks, self.members = [list(b) for b in blocks], members
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             width = in_features + num_classes
             if features == "model":  # identity rotations until kfac_basis sets them
-                width_h = in_features - outputs
-                self.register_buffer("r_basis", torch.eye(outputs))
-                self.register_buffer("h_basis", torch.eye(width_h))
-                pairs = torch.arange(dim) % (outputs * width_h)
-                self.register_buffer("pair_r", pairs // width_h)
-                self.register_buffer("pair_h", pairs % width_h)
-                self.register_buffer("pair_scale", torch.ones(dim))
+                for i, (width_r, width_h) in enumerate(self.blocks):
+                    names = _buffer_names(i)
+                    pairs = torch.arange(dim) % (width_r * width_h)
+                    self.register_buffer(names[0], torch.eye(width_r))
+                    self.register_buffer(names[1], torch.eye(width_h))
+                    self.register_buffer(names[2], pairs // width_h)
+                    self.register_buffer(names[3], pairs % width_h)
+                    self.register_buffer(names[4], torch.ones(dim) if i == 0 else torch.zeros(dim))
                 self.body: nn.Module = nn.Identity()
                 self.projection: nn.Module = Scale(dim)
             elif hidden:
@@ -96,7 +112,7 @@ class AirRepEncoder(nn.Module):
                 self.body = nn.Identity()
                 self.projection = nn.Linear(width, dim)
 
-    def config(self) -> dict[str, int | str]:
+    def config(self) -> dict[str, Any]:
         return {
             "in_features": self.in_features,
             "dim": self.dim,
@@ -104,11 +120,14 @@ class AirRepEncoder(nn.Module):
             "num_classes": self.num_classes,
             "features": self.features,
             "outputs": self.outputs,
+            "blocks": self.blocks,
+            "members": self.members,
         }
 
     @classmethod
     def from_config(cls, config: dict) -> AirRepEncoder:
         """The (untrained) encoder a manifest's ``encoder`` entry describes."""
+        blocks = config.get("blocks") or None
         return cls(
             int(config["in_features"]),
             int(config["dim"]),
@@ -116,6 +135,8 @@ class AirRepEncoder(nn.Module):
             int(config["num_classes"]),
             features=str(config.get("features", "input")),
             outputs=int(config.get("outputs", 0)),
+            blocks=[[int(v) for v in b] for b in blocks] if blocks else None,
+            members=int(config.get("members", 1)),
         )
 
     def prefix(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,9 +148,19 @@ class AirRepEncoder(nn.Module):
                 f"(inputs of shape {tuple(x.shape)})"
             )
         if self.features == "model":
-            r = flat[:, : self.outputs] @ self.r_basis
-            h = flat[:, self.outputs :] @ self.h_basis
-            return r[:, self.pair_r] * h[:, self.pair_h] * self.pair_scale
+            out, start = flat.new_zeros(len(flat), self.dim), 0
+            for i, (width_r, width_h) in enumerate(self.blocks):
+                r_basis, h_basis, pair_r, pair_h, scale = (
+                    getattr(self, n) for n in _buffer_names(i)
+                )
+                cols = torch.nonzero(scale).squeeze(1)  # the directions this block owns
+                used_r, pair_r = torch.unique(pair_r[cols], return_inverse=True)
+                used_h, pair_h = torch.unique(pair_h[cols], return_inverse=True)
+                r = flat[:, start : start + width_r] @ r_basis[:, used_r]  # only used eigenvectors
+                h = flat[:, start + width_r : start + width_r + width_h] @ h_basis[:, used_h]
+                out[:, cols] = r[:, pair_r] * h[:, pair_h] * scale[cols]
+                start += width_r + width_h
+            return out
         if not self.num_classes:
             return flat
         if y is None:
@@ -152,37 +183,97 @@ class AirRepEncoder(nn.Module):
         return self.head(self.prefix(x, y))
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The model's last ``nn.Linear`` (its output layer), whose input is the penultimate layer."""
+def _check_blocks(
+    in_features: int,
+    dim: int,
+    outputs: int,
+    blocks: Sequence[Sequence[int]] | None,
+    members: int,
+) -> list[list[int]]:
+    """The (residual width, input width) blocks of a ``"model"`` encoder, validated."""
+    if blocks is None:
+        if not 1 <= outputs < in_features:
+            raise AttributionError(
+                f"a 'model' encoder reads [r, h]: outputs={outputs} must lie in "
+                f"[1, in_features={in_features})"
+            )
+        blocks = [[outputs, in_features - outputs]]
+    blocks = [[int(v) for v in b] for b in blocks]
+    if not blocks or any(len(b) != 2 or min(b) < 1 for b in blocks):
+        raise AttributionError(f"blocks must be (residual, input) width pairs ≥ 1, got {blocks}")
+    if sum(map(sum, blocks)) != in_features:
+        raise AttributionError(
+            f"the blocks {blocks} cover {sum(map(sum, blocks))} features, not {in_features}"
+        )
+    if members < 1 or len(blocks) % members or dim % members:
+        raise AttributionError(
+            f"members={members} must divide the {len(blocks)} blocks and dim={dim}"
+        )
+    return blocks
+
+
+def linear_layers(model: nn.Module, layers: int = 1) -> list[nn.Linear]:
+    """The model's last ``layers`` ``nn.Linear`` modules, output layer first (0 = all of them)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise AttributionError(
             "features='model' needs a model whose output layer is an nn.Linear; this one has none"
         )
-    return linears[-1]
-
-
-def model_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[r, h, 1] per example: the residual r = one-hot(y) − softmax(z) (C values) and the input h
-    of the model's last linear layer, whose output z are the logits. (n, C + h + 1)."""
-    layer = last_linear(model)
-    captured: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        handle.remove()
-    logits = getattr(out, "logits", out)
-    if logits.ndim != 2 or not captured:
+    count = len(linears) if layers == 0 else layers
+    if not 1 <= count <= len(linears):
         raise AttributionError(
-            f"features='model' needs (n, classes) logits from the last linear layer, got "
-            f"{tuple(logits.shape)}"
+            f"layers={layers} asks for more linear layers than the model's {len(linears)}"
         )
-    h = captured[-1].reshape(len(x), -1).float()
-    residual = nn.functional.one_hot(y.long(), logits.shape[1]).float() - logits.float().softmax(1)
-    ones = torch.ones(len(h), 1, dtype=h.dtype, device=h.device)
-    return torch.cat([residual, h, ones], dim=1)
+    return linears[::-1][:count]
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The model's last ``nn.Linear`` (its output layer), whose input is the penultimate layer."""
+    return linear_layers(model, 1)[0]
+
+
+def model_blocks(model: nn.Module, layers: int = 1) -> list[list[int]]:
+    """(residual width, input width + 1) of each layer :func:`model_inputs` reads."""
+    return [[m.out_features, m.in_features + 1] for m in linear_layers(model, layers)]
+
+
+def model_inputs(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: int = 1
+) -> torch.Tensor:
+    """[g, a, 1] per example for each of the last ``layers`` linear layers (output layer first):
+    g = −∂L/∂(layer output) for the summed cross-entropy (for the output layer, the residual
+    one-hot(y) − softmax(z)) and a the layer's input; g ⊗ [a, 1] is that layer's negative loss
+    gradient. (n, Σ out + in + 1); one backward pass to the chosen layers' outputs."""
+    chosen = linear_layers(model, layers)
+    captured: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        out = output if output.requires_grad else output.detach().requires_grad_()
+        captured[module] = (inputs[0].detach(), out)
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in chosen]
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            logits = getattr(out, "logits", out)
+            if logits.ndim != 2 or len(captured) != len(chosen):
+                raise AttributionError(
+                    f"features='model' needs (n, classes) logits from the last linear layer, got "
+                    f"{tuple(logits.shape)}"
+                )
+            if any(o.ndim != 2 for _, o in captured.values()):
+                raise AttributionError("features='model' reads (n, features) linear layers only")
+            loss = nn.functional.cross_entropy(logits.float(), y.long(), reduction="sum")
+            grads = torch.autograd.grad(loss, [captured[m][1] for m in chosen])
+    finally:
+        for handle in handles:
+            handle.remove()
+    parts = []
+    for module, grad in zip(chosen, grads, strict=True):
+        a = captured[module][0].reshape(len(x), -1).float()
+        parts += [-grad.float(), a, torch.ones(len(a), 1, dtype=a.dtype, device=a.device)]
+    return torch.cat(parts, dim=1)
 
 
 def model_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -194,37 +285,71 @@ def model_features(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 def kfac_basis(
-    inputs: torch.Tensor, outputs: int, dim: int, lambda_scale: float = 0.03
+    inputs: torch.Tensor,
+    blocks: int | Sequence[Sequence[int]],
+    dim: int,
+    lambda_scale: float = 0.03,
+    members: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """The frozen buffers of a ``"model"`` encoder from the train set's [r, h] rows.
+    """The frozen buffers of a ``"model"`` encoder from the train set's [g, a] rows.
 
-    Eigenvectors U, V of E[rrᵀ], E[hhᵀ]; the ``dim`` pairs (a, b) of largest σ = s_a·t_b
-    (K-FAC's eigenvalues of the last-layer gradient's second moment); w = (σ + λ)^{-1/2} with
-    λ = ``lambda_scale`` × the mean of all products; then one scale so that the train embeddings'
-    mean squared norm is 1. (The default λ scale, 0.03, was chosen on the digits *dev* split.)
+    ``blocks`` are the (g, a) widths of each layer and checkpoint (an int C: one block
+    [r (C), h]). Per block: eigenvectors U, V of E[ggᵀ], E[aaᵀ] and the K-FAC eigenvalues
+    σ = s_a·t_b of the layer gradient's second moment. Per member (``members`` equal runs of
+    blocks): the ``dim / members`` (block, a, b) of largest σ over its blocks, each weighted
+    w = (σ + λ_block)^{-1/2} with λ_block = ``lambda_scale`` × the mean of that block's σ; then
+    one scale per member so that its train embeddings' mean squared norm is 1 / ``members``.
+    (The default λ scale, 0.03, was chosen on the digits *dev* split.)
     """
     n = len(inputs)
     if n < 1:
         raise AttributionError("whitening the encoder needs at least one training example")
-    data = inputs.double()
-    r, h = data[:, :outputs], data[:, outputs:]
-    s_r, u = torch.linalg.eigh(r.T @ r / n)
-    s_h, v = torch.linalg.eigh(h.T @ h / n)
-    sigma = (s_r.clamp(min=0)[:, None] * s_h.clamp(min=0)[None, :]).flatten()
-    order = torch.argsort(sigma, descending=True)
-    order = order[torch.arange(dim) % len(order)]  # dim > C·h: repeats get a zero weight below
-    weight = (sigma[order] + lambda_scale * sigma.mean()).clamp(min=1e-30) ** -0.5
-    weight[dim if dim <= len(sigma) else len(sigma) :] = 0.0
-    pair_r, pair_h = order // h.shape[1], order % h.shape[1]
-    embedded = (r @ u)[:, pair_r] * (h @ v)[:, pair_h] * weight
-    weight = weight * embedded.pow(2).sum(1).mean().clamp(min=1e-30) ** -0.5
-    return {
-        "r_basis": u.float(),
-        "h_basis": v.float(),
-        "pair_r": pair_r,
-        "pair_h": pair_h,
-        "pair_scale": weight.float(),
-    }
+    if isinstance(blocks, int):
+        blocks = [[blocks, inputs.shape[1] - blocks]]
+    data, start, factors = inputs.double(), 0, []
+    for width_r, width_h in blocks:
+        r = data[:, start : start + width_r]
+        h = data[:, start + width_r : start + width_r + width_h]
+        start += width_r + width_h
+        s_r, u = torch.linalg.eigh(r.T @ r / n)
+        s_h, v = torch.linalg.eigh(h.T @ h / n)
+        sigma = (s_r.clamp(min=0)[:, None] * s_h.clamp(min=0)[None, :]).flatten()
+        factors.append((u, v, r @ u, h @ v, sigma))
+    per_member, width = len(blocks) // members, dim // members
+    pair_r = torch.zeros(len(blocks), dim, dtype=torch.long)
+    pair_h = torch.zeros(len(blocks), dim, dtype=torch.long)
+    scale = torch.zeros(len(blocks), dim, dtype=torch.float64)
+    for m in range(members):
+        own = range(m * per_member, (m + 1) * per_member)
+        sigma = torch.cat([factors[b][4] for b in own])
+        block = torch.cat([torch.full_like(factors[b][4], b, dtype=torch.long) for b in own])
+        pair = torch.cat([torch.arange(len(factors[b][4])) for b in own])
+        damping = torch.tensor([lambda_scale * float(factors[b][4].mean()) for b in own])
+        order = torch.argsort(sigma, descending=True)
+        order = order[torch.arange(width) % len(order)]  # width > pairs: repeats get weight 0
+        weight = (sigma[order] + damping[block[order] - own[0]]).clamp(min=1e-30) ** -0.5
+        weight[width if width <= len(sigma) else len(sigma) :] = 0.0
+        columns = torch.arange(m * width, (m + 1) * width)
+        embedded = torch.zeros(n, width, dtype=torch.float64)
+        for b in own:
+            chosen = block[order] == b
+            cols, pairs = columns[chosen], pair[order][chosen]
+            width_h = blocks[b][1]
+            pair_r[b, cols], pair_h[b, cols] = pairs // width_h, pairs % width_h
+            scale[b, cols] = weight[chosen]
+            rotated_r, rotated_h = factors[b][2], factors[b][3]
+            embedded[:, chosen] = (
+                rotated_r[:, pairs // width_h] * rotated_h[:, pairs % width_h] * weight[chosen]
+            )
+        norm = embedded.pow(2).sum(1).mean().clamp(min=1e-30)
+        scale[:, columns] *= (norm * members) ** -0.5
+    buffers: dict[str, torch.Tensor] = {}
+    for b, (u, v, *_) in enumerate(factors):
+        names = _buffer_names(b)
+        for name, value in zip(names, (u.float(), v.float(), pair_r[b], pair_h[b]), strict=False):
+            buffers[name] = value
+        buffers[names[4]] = scale[b].float()
+    return buffers
 
 
 # --- the pretrained text encoder -------------------------------------------------------------------
@@ -286,6 +411,8 @@ __all__ = [
     "AirRepEncoder",
     "Scale",
     "last_linear",
+    "linear_layers",
+    "model_blocks",
     "minilm_available",
     "kfac_basis",
     "model_features",

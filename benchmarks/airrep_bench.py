@@ -11,19 +11,26 @@ Tasks (both 1000 train / 300 test, 5 independently trained models for TRAK):
 
 AirRep is trained on its *dev* split only (its own subset retraining, plan seed 1, the task's
 recipe, cached in chunks of 100 under ``.tda/cache`` so an interrupted run resumes); the test
-split only scores. Encoders (all with 512-float embeddings):
+split only scores. Encoders (512-float embeddings unless "× 5 ckpts": 2560):
 
 * ``input``: the input itself (+ one-hot label) → MLP 256-256 → 512 (digits), or MiniLM's
   embedding (+ label) → one linear projection (text, the paper's recipe);
 * ``model``: the target model's frozen residual one-hot(y) − p and penultimate activations [h, 1],
   embedded as their last-layer gradient in a K-FAC-whitened eigenbasis (top 512 directions) with a
-  trainable per-direction scale (see :mod:`attribution.encoders`).
+  trainable per-direction scale (see :mod:`attribution.encoders`);
+* ``model 2 layers``: the same for the last two linear layers (for the MLPs here: all of them),
+  each as (back-propagated residual, layer input); the 512 directions go to the largest K-FAC
+  eigenvalues over both layers, each layer damped by its own λ;
+* ``× 5 ckpts``: the ensemble option — the same encoder on each of the 5 independently trained
+  models TRAK 512 × 5 uses, 512 directions each, concatenated with 1/√5 scaling (2560 floats).
 
     python benchmarks/airrep_bench.py                 # both tasks, print the tables
     python benchmarks/airrep_bench.py --write         # and replace the AirRep section of RESULTS.md
 
 "Featurize" is the wall time per example to compute train-side vectors (what indexing costs),
-best of 3 (TRAK: 1); "query" likewise for test-side vectors. Stored floats = vector length.
+best of 5 (TRAK: 3); "query" likewise for test-side vectors. Stored floats = vector length;
+"cheaper" divides the featurization time of TRAK with the same storage (512 × 1 model for 512
+floats, 512 × 5 models for 2560) by the row's.
 """
 
 from __future__ import annotations
@@ -222,7 +229,7 @@ class Row:
     training: str
 
 
-def measure(label, method, prepared, truth, training: str, repeats: int = 3) -> Row:
+def measure(label, method, prepared, truth, training: str, repeats: int = 5) -> Row:
     examples = method._examples(prepared.train, "train")
     feat = timed(lambda: method.featurize_train(examples), repeats) / len(examples)
     query = timed(lambda: method.query_vectors(prepared.test), repeats) / len(prepared.test)
@@ -243,19 +250,22 @@ def airrep_recipes(task_name: str, steps: int, model_steps: int) -> dict[str, di
     common = {"dim": 512, "holdout": 0.2, "subsets_per_step": 32, "dev_per_step": 200}
     inputs = {"hidden": 0} if task_name.startswith("text") else {"hidden": 256}
     trained = {"learning_rate": 1e-3, "pooling": "mean"}
-    return {
+    model = {"features": "model"}
+    fine_tune = {**trained, "steps": model_steps, "eval_every": 50, "temperature": 100.0}
+    recipes = {
         "airrep input, untrained": {**common, **inputs, "steps": None},
         "airrep input, RankNet": {**common, **inputs, **trained, "steps": steps, "eval_every": 100},
-        "airrep model, untrained": {**common, "features": "model", "steps": None},
-        "airrep model, RankNet": {
-            **common,
-            **trained,
-            "features": "model",
-            "steps": model_steps,
-            "eval_every": 25,
-            "temperature": 100.0,
-        },
     }
+    variants = {
+        "airrep model": {},
+        "airrep model 2 layers": {"layers": 2},
+        "airrep model × 5 ckpts": {"dim": 2560, "ensemble": 5},
+        "airrep model 2 layers × 5 ckpts": {"dim": 2560, "ensemble": 5, "layers": 2},
+    }
+    for label, variant in variants.items():
+        recipes[f"{label}, untrained"] = {**common, **model, **variant, "steps": None}
+        recipes[f"{label}, RankNet"] = {**common, **model, **variant, **fine_tune}
+    return recipes
 
 
 def run_task(name: str, n_dev_subsets: int, steps: int, model_steps: int) -> tuple[list[Row], dict]:
@@ -270,7 +280,7 @@ def run_task(name: str, n_dev_subsets: int, steps: int, model_steps: int) -> tup
     for proj, n_models in ((512, 5), (128, 4), (512, 1)):
         task = prepared.attribution_task("trak", n_models=n_models)
         trak = build_method("trak", task, device="cpu", proj_dim=proj).fit(prepared.train)
-        rows.append(measure(f"trak {proj} × {n_models} models", trak, prepared, truth, "—", 1))
+        rows.append(measure(f"trak {proj} × {n_models} models", trak, prepared, truth, "—", 3))
     task = prepared.attribution_task("airrep")
     info = {}
     for label, recipe in airrep_recipes(prepared.task.name, steps, model_steps).items():
@@ -303,19 +313,20 @@ def run_task(name: str, n_dev_subsets: int, steps: int, model_steps: int) -> tup
 
 
 def table(rows: list[Row]) -> str:
-    full = next(r for r in rows if r.label == "trak 512 × 5 models")
-    single = next(r for r in rows if r.label == "trak 512 × 1 models")
+    """The rows in storage order; "cheaper" against the TRAK row of the same storage."""
+    trak = {512: "trak 512 × 1 models", 2560: "trak 512 × 5 models"}
+    reference = {n: next(r for r in rows if r.label == label) for n, label in trak.items()}
     lines = [
         "| method | stored floats | LDS (sum) | LDS (group score) | featurize µs/example | "
-        "query µs/example | cheaper than TRAK 512×5 / 512×1 | encoder training |",
+        "query µs/example | cheaper than TRAK at equal storage | encoder training |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.floats):
         group = "—" if r.group is None else f"{r.group:.3f}"
+        ratio = f"{reference[r.floats].featurize / r.featurize:.1f}×" if r.floats in trak else "—"
         lines.append(
             f"| {r.label} | {r.floats} | {r.lds:.3f} | {group} | {r.featurize * 1e6:.1f} | "
-            f"{r.query * 1e6:.1f} | {full.featurize / r.featurize:.1f}× / "
-            f"{single.featurize / r.featurize:.1f}× | {r.training} |"
+            f"{r.query * 1e6:.1f} | {ratio} | {r.training} |"
         )
     return "\n".join(lines)
 
@@ -325,7 +336,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="digits,text")
     parser.add_argument("--dev-subsets", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=3000, help="input encoder's steps")
-    parser.add_argument("--model-steps", type=int, default=300, help="model encoder's steps")
+    parser.add_argument("--model-steps", type=int, default=1500, help="model encoders' steps")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -4,7 +4,9 @@
   MLP, or one linear projection with ``hidden=0``, e.g. on frozen MiniLM sentence embeddings);
   ``features="model"`` reads the trained target model's own frozen representation (residual and
   penultimate activations, embedded as a K-FAC-whitened last-layer gradient) under a trainable
-  per-direction scale. Scores are raw, unnormalised inner products
+  per-direction scale (``layers`` > 1: the last few linear layers' gradients, block-diagonal
+  K-FAC; ``ensemble`` > 1: several checkpoints' embeddings concatenated, scaled by 1/√C). Scores
+  are raw, unnormalised inner products
   ``score(test, train_i) = ⟨enc(test), enc(train_i)⟩``, so single-example top-k is plain
   inner-product search in the same index format as every other method.
 * **Label conditioning** (default on for classification): the one-hot label is concatenated to the
@@ -42,7 +44,13 @@ import torch
 from torch import nn
 
 from attribution.data import Examples
-from attribution.encoders import FEATURES, AirRepEncoder, kfac_basis, model_inputs
+from attribution.encoders import (
+    FEATURES,
+    AirRepEncoder,
+    kfac_basis,
+    model_blocks,
+    model_inputs,
+)
 from attribution.errors import AttributionError
 from attribution.methods.base import Method, MethodArguments
 from attribution.tasks import ClassificationTask, Measurement, Task
@@ -145,6 +153,8 @@ class AirRepArguments(MethodArguments):
     features: str = "input"  # "input" (the raw input) or "model" (the target model's last layer)
     label_conditioned: bool = True  # concat one-hot labels (classification tasks only)
     checkpoint: int = -1  # features="model": which of the task's checkpoints (-1 = the last)
+    ensemble: int = 1  # features="model": read this many checkpoints, ending at `checkpoint`
+    layers: int = 1  # features="model": the last `layers` linear layers (0 = all of them)
     lambda_scale: float = 0.03  # features="model": λ of the K-FAC whitening (× mean eigenvalue)
     steps: int = 300
     learning_rate: float = 1e-3
@@ -165,6 +175,15 @@ class AirRepArguments(MethodArguments):
                 raise AttributionError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.hidden < 0:
             raise AttributionError(f"hidden must be 0 (linear) or positive, got {self.hidden}")
+        if self.layers < 0 or self.ensemble < 1:
+            raise AttributionError(
+                f"layers must be ≥ 0 (0 = all) and ensemble ≥ 1, got {self.layers}, {self.ensemble}"
+            )
+        if self.dim % self.ensemble:
+            raise AttributionError(
+                f"dim={self.dim} must be a multiple of ensemble={self.ensemble} (dim / ensemble "
+                "directions per checkpoint)"
+            )
         if self.features not in FEATURES:
             raise AttributionError(f"features must be 'input' or 'model', not {self.features!r}")
         if self.subsets_per_step < 2:
@@ -235,6 +254,9 @@ class AirRep(Method):
         self.args.dim, self.args.hidden = encoder.dim, encoder.hidden
         self.args.features = encoder.features
         self.args.label_conditioned = encoder.num_classes > 0
+        if encoder.features == "model":
+            self.args.ensemble = encoder.members
+            self.args.layers = len(encoder.blocks) // encoder.members
         self.encoder = encoder.to(self.device).eval()
         self._state_ready = True
 
@@ -256,24 +278,44 @@ class AirRep(Method):
             return examples.x.to(self.device)
         if not isinstance(self.task, ClassificationTask):
             raise AttributionError("features='model' needs a classification task")
-        count = len(self.task.checkpoints)
-        index = self.args.checkpoint if self.args.checkpoint >= 0 else count + self.args.checkpoint
+        columns = []
+        with self.task.lock:
+            for index in self._checkpoints():
+                self.task.load_checkpoint(index)
+                parts = [
+                    model_inputs(
+                        self.task.model, x.to(self.device), y.to(self.device), self.args.layers
+                    )
+                    for x, y in examples.batches(self.args.batch_size)
+                ]
+                columns.append(torch.cat(parts))
+        return torch.cat(columns, dim=1)
+
+    def _checkpoints(self) -> list[int]:
+        """The checkpoints a ``"model"`` encoder reads: ``ensemble`` of them ending at
+        ``checkpoint``."""
+        count, args = len(self.task.checkpoints), self.args
+        index = args.checkpoint if args.checkpoint >= 0 else count + args.checkpoint
         if not 0 <= index < count:
             raise AttributionError(
-                f"checkpoint {self.args.checkpoint} is not one of the task's {count} checkpoints"
+                f"checkpoint {args.checkpoint} is not one of the task's {count} checkpoints"
             )
-        parts = []
-        with self.task.lock:
-            self.task.load_checkpoint(index)
-            for x, y in examples.batches(self.args.batch_size):
-                parts.append(model_inputs(self.task.model, x.to(self.device), y.to(self.device)))
-        return torch.cat(parts)
+        if index + 1 < args.ensemble:
+            raise AttributionError(
+                f"ensemble={args.ensemble} needs {args.ensemble} checkpoints up to checkpoint "
+                f"{index}, but the task has only {index + 1} there"
+            )
+        return list(range(index + 1 - args.ensemble, index + 1))
 
     def _ensure_encoder(self, examples: Examples) -> AirRepEncoder:
         if self.encoder is None:
             args = self.args
             inputs = self._inputs(examples) if args.features == "model" else examples.x
-            outputs = self._outputs() if args.features == "model" else 0
+            blocks = (
+                model_blocks(self.task.model, args.layers) * args.ensemble
+                if args.features == "model"
+                else None
+            )
             encoder = AirRepEncoder(
                 int(np.prod(inputs.shape[1:])),
                 args.dim,
@@ -281,19 +323,18 @@ class AirRep(Method):
                 self._num_classes(examples),
                 seed=args.seed,
                 features=args.features,
-                outputs=outputs,
+                outputs=blocks[0][0] if blocks else 0,
+                blocks=blocks,
+                members=args.ensemble if blocks else 1,
             )
-            if args.features == "model":
-                buffers = kfac_basis(inputs.cpu(), outputs, args.dim, args.lambda_scale)
+            if blocks:
+                buffers = kfac_basis(
+                    inputs.cpu(), blocks, args.dim, args.lambda_scale, args.ensemble
+                )
                 for name, value in buffers.items():
                     getattr(encoder, name).copy_(value)
             self.encoder = encoder.to(self.device)
         return self.encoder
-
-    def _outputs(self) -> int:
-        from attribution.encoders import last_linear
-
-        return int(last_linear(self.task.model).out_features)
 
     def _prefix(self, examples: Examples) -> torch.Tensor:
         """The encoder's frozen part for every example (computed once, without gradients)."""
@@ -488,6 +529,7 @@ class AirRep(Method):
             ],
             dtype=np.int64,
         )
+        state["encoder_json"] = np.frombuffer(json.dumps(cfg).encode(), dtype=np.uint8).copy()
         return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
@@ -501,9 +543,12 @@ class AirRep(Method):
             raise AttributionError(
                 f"the encoder's dimension {dim} does not match the index's {self._train.shape[1]}"
             )
-        encoder = AirRepEncoder(
-            in_features, dim, hidden, num_classes, features=features, outputs=outputs
-        )
+        if "encoder_json" in state:  # the full config (blocks of several layers / checkpoints)
+            encoder = _encoder_from_config(json.loads(bytes(np.asarray(state["encoder_json"]))))
+        else:
+            encoder = AirRepEncoder(
+                in_features, dim, hidden, num_classes, features=features, outputs=outputs
+            )
         weights = {
             k[len("encoder.") :]: torch.from_numpy(np.asarray(v))
             for k, v in state.items()
@@ -607,14 +652,20 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _encoder_from_config(
+    config: Any, what: str = "the state has an encoder config"
+) -> AirRepEncoder:
+    try:
+        return AirRepEncoder.from_config(config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise AttributionError(f"{what} that is not AirRep's: {err}") from err
+
+
 def _read_encoder(path: Path) -> tuple[AirRepEncoder, dict]:
     from attribution.checkpoints import load_safetensors
 
     manifest = read_manifest(path)
-    try:
-        encoder = AirRepEncoder.from_config(manifest["encoder"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise AttributionError(f"{path} has a manifest that is not AirRep's: {err}") from err
+    encoder = _encoder_from_config(manifest["encoder"], f"{path} has a manifest")
     weights = load_safetensors(path)
     try:
         encoder.load_state_dict(weights)

