@@ -8,11 +8,20 @@ Gradient half — the demo tiny GPT-2 (indexer/demo_lm.py) trained here on its c
 features of the corpus (repeated to --grad-docs documents) with the engine's factored (LoGra)
 projection, one CPU thread; throughput in corpus tokens (padding excluded) per second.
 
+Ranking (``--ranking``) — which gradient method finds the memorised document: the demo LM is
+trained with --seeds seeds; for each planted passage three queries (the document's text up to the
+passage's third word as prompt with the model's greedy continuation as output; no prompt with the
+passage as output; the passage's first three words as prompt with the rest as output) are scored
+against the 51 documents by each engine configuration in ``RANKING_CONFIGS``; printed per query
+kind: how often the memorised document is first, its worst rank, and the smallest margin (its
+score over the best other document's score).
+
 The final figures (quiet machine; the 10M-token run takes a few minutes):
 
     python benchmarks/provenance_bench.py --tokens 10000000 --queries 100 --write
     python benchmarks/provenance_bench.py --skip-verbatim                 # gradient part only
     python benchmarks/provenance_bench.py --tokens 1000000 --skip-gradient  # a quick check
+    python benchmarks/provenance_bench.py --ranking --seeds 3              # method comparison
 """
 
 from __future__ import annotations
@@ -155,6 +164,109 @@ factored (LoGra) Kronecker projection, method `{args.method}`, proj_dim {args.pr
             f.write(section)
 
 
+_FACTORED = {"gradient": "factored", "proj_dim": 1024}
+#: (label, method, arguments) compared by ``--ranking``
+RANKING_CONFIGS: list[tuple[str, str, dict]] = [
+    ("TRAK, 8 checkpoints (previous default)", "trak", _FACTORED),
+    ("TRAK, final checkpoint", "trak", {**_FACTORED, "checkpoints": [-1]}),
+    ("TRAK, first 4 checkpoints", "trak", {**_FACTORED, "checkpoints": [0, 1, 2, 3]}),
+    ("TRAK, lambda_scale 100", "trak", {**_FACTORED, "lambda_scale": 100.0}),
+    ("TracIn, 8 checkpoints", "tracin", _FACTORED),
+    ("TracIn, first 4 checkpoints", "tracin", {**_FACTORED, "checkpoints": [0, 1, 2, 3]}),
+    ("Grad-Dot, final checkpoint", "graddot", _FACTORED),
+    ("Grad-Cos, first 4 checkpoints", "gradcos", {**_FACTORED, "checkpoints": [0, 1, 2, 3]}),
+    ("EK-FAC influence, dense proj 1024", "influence", {"solver": "ekfac", "proj_dim": 1024}),
+    ("EK-FAC influence, 8 checkpoints", "influence", {"solver": "ekfac"}),
+    ("EK-FAC influence, damping_scale 1", "influence", {"solver": "ekfac", "damping_scale": 1.0}),
+    ("EK-FAC influence, checkpoints 0-1", "influence", {"solver": "ekfac", "checkpoints": [0, 1]}),
+]
+QUERY_KINDS = ("document prompt, generated", "no prompt", "3-word prompt")
+
+
+def ranking_queries(demo) -> list[tuple[str, str, str, str]]:
+    """(document id, query kind, prompt, output) for each planted passage and query kind."""
+    import json
+
+    from indexer.demo_lm import PASSAGES, generate
+
+    lines = demo.corpus.read_text(encoding="utf-8").splitlines()
+    texts = {(d := json.loads(line))["id"]: d["text"] for line in lines}
+    queries = []
+    for doc_id, passage, _ in PASSAGES:
+        words, text = passage.split(), texts[doc_id]
+        prompt = text[: text.index(passage)] + " ".join(words[:3])
+        queries += [
+            (doc_id, QUERY_KINDS[0], prompt, generate(demo.card, prompt, len(words) + 2)),
+            (doc_id, QUERY_KINDS[1], "", passage),
+            (doc_id, QUERY_KINDS[2], " ".join(words[:3]), " ".join(words[3:])),
+        ]
+    return queries
+
+
+def rank_and_margin(scores: np.ndarray, i: int) -> tuple[int, float]:
+    """Rank (1 = first) of row ``i`` and its score over the best other score (inf if ≤ 0)."""
+    rank = int((scores > scores[i]).sum()) + 1
+    other = float(np.max(np.delete(scores, i)))
+    return rank, float(scores[i]) / other if other > 0 else float("inf")
+
+
+def ranking(seeds: int) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """(rank, margin) of the memorised document per configuration and query kind."""
+    import torch
+
+    from attribution.lm import prompt_output_example
+    from attribution.methods import build_method
+    from indexer.build import read_corpus
+    from indexer.cards import load_card, load_task
+    from indexer.demo_lm import write_demo_lm
+    from indexer.verbatim import text_tokenizer
+
+    torch.set_num_threads(1)
+    found: dict[str, dict[str, list[tuple[int, float]]]] = {
+        label: {kind: [] for kind in QUERY_KINDS} for label, _, _ in RANKING_CONFIGS}
+    for seed in range(seeds):
+        work = Path(tempfile.mkdtemp(prefix="tda-prov-rank-"))
+        try:
+            demo = write_demo_lm(work, seed=seed)
+            card = load_card(demo.card)
+            corpus = read_corpus(demo.corpus, card, None)
+            ids = [str(i) for i in corpus.ids]
+            encode = text_tokenizer(card.tokenizer)
+            queries = [(ids.index(doc_id), kind, prompt_output_example(
+                encode([p])[0] if p else [], encode([o])[0], card.max_length))
+                for doc_id, kind, p, o in ranking_queries(demo)]
+            for label, method, arguments in RANKING_CONFIGS:
+                engine = build_method(method, load_task(card), **arguments)
+                engine.fit(corpus.examples())
+                for row, kind, query in queries:
+                    found[label][kind].append(rank_and_margin(engine.score(query.examples)[0], row))
+                print(f"seed {seed}: {label} done", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return found
+
+
+def report_ranking(args: argparse.Namespace) -> None:
+    found = ranking(args.seeds)
+    n = 3 * args.seeds
+    header = " | ".join(f"{k}: first / worst rank / min margin" for k in QUERY_KINDS)
+    lines = [f"| configuration | {header} |", "|---|" + "---:|" * len(QUERY_KINDS)]
+    for label, kinds in found.items():
+        cells = []
+        for kind in QUERY_KINDS:
+            ranks = [r for r, _ in kinds[kind]]
+            margin = min(m for _, m in kinds[kind])
+            cells.append(f"{ranks.count(1)}/{n} · {max(ranks)} · {margin:.2f}×")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
+            f.write(f"\n## Provenance (issue 6): which gradient method finds the memorised "
+                    f"document\n\nCommand: `{command()}` — {datetime.date.today()}.\n\n"
+                    f"{table}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +278,13 @@ def main() -> None:
     ap.add_argument("--grad-docs", type=int, default=1024, help="documents featurized")
     ap.add_argument("--proj-dim", type=int, default=1024, help="factored projection size")
     ap.add_argument("--method", default="trak", help="engine method (trak, tracin, graddot)")
+    ap.add_argument("--ranking", action="store_true",
+                    help="only the method comparison: rank of the memorised document")
+    ap.add_argument("--seeds", type=int, default=3, help="demo LMs trained for --ranking")
     args = ap.parse_args()
+    if args.ranking:
+        report_ranking(args)
+        return
     if not args.skip_gradient:
         report_gradient(args)
     if not args.skip_verbatim:

@@ -12,6 +12,17 @@ For a (prompt, output) pair and a published causal-LM index:
   documents with verbatim evidence first (most matched tokens), then by attribution score.
 
 Documents named by a takedown list come back with ``blocked: true`` and no snippet.
+
+**Which gradient method.** With the prompt the model actually continued, TRAK, TracIn and EK-FAC
+influence all rank a memorised document first. Without a prompt (or with only the passage's
+first words) the output's early tokens are surprising, their gradients dominate the query, and
+TRAK's whitened kernel can put the memorised document near *last*; TracIn and Grad-Cos are right
+on some seeds only. EK-FAC influence (:data:`LM_METHOD`, :data:`LM_METHOD_ARGS`) ranked it first
+for every passage, query kind and seed measured, by 3.9× or more without a prompt: the
+memorised document's loss gradient is small where it is well fitted, and the inverse curvature
+weights exactly those rarely exercised directions up. Its train vectors are unprojected
+(per-layer gradients × checkpoints), so it suits small models; ``benchmarks/RESULTS.md``
+(Provenance) has the numbers and ``python benchmarks/provenance_bench.py --ranking`` the run.
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ from typing import Any
 from indexer.errors import IndexerError
 
 TAKEDOWN_FILE = "takedown.txt"
+#: the engine method that ranks memorised documents first also for prompt-free outputs
+LM_METHOD = "influence"
+LM_METHOD_ARGS: dict[str, Any] = {"solver": "ekfac"}
 
 
 class ProvenanceError(IndexerError):

@@ -48,6 +48,7 @@ from indexer.store import (
     save_npy,
     write_records,
 )
+from indexer.verbatim import add_corpus_verbatim
 
 
 def _index_root(index: str | Path, root: str | Path | None) -> Path:
@@ -74,9 +75,11 @@ def _start_version(base: AttributionIndex, out: Path) -> None:
         if (base.path / name).is_file():
             link_or_copy(base.path / name, out / name)
     if (base.path / "verbatim").is_dir():  # provenance spans; deleted ids are filtered on query
-        (out / "verbatim").mkdir()
-        for file in (base.path / "verbatim").iterdir():
-            link_or_copy(file, out / "verbatim" / file.name)
+        for file in (base.path / "verbatim").rglob("*"):  # added shards are subdirectories
+            if file.is_file():
+                target = out / "verbatim" / file.relative_to(base.path / "verbatim")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(file, target)
 
 
 def add_records(
@@ -129,6 +132,10 @@ def add_records(
         write_records(out / "records.sqlite", new_rows, corpus.ids, corpus.metadata,
                       base=base.path / "records.sqlite")
         manifest["shards"] += [{k: s[k] for k in ("file", "rows", "sha256")} for s in shards]
+        if manifest.get("verbatim") and "texts" in corpus.extra:  # spans for the new documents
+            manifest["verbatim"] = add_corpus_verbatim(
+                out / "verbatim", corpus.ids.tolist(), corpus.extra["texts"],
+                corpus.metadata.to_pylist(), manifest["verbatim"])
         store = VectorStore(out, manifest["shards"], base.dim, base.dtype, base.store.scale)
         spec = faiss_index.IndexSpec(base.spec.kind, dict(base.spec.params))
         cpu_index = faiss_index.load(base.path / "index.faiss", spec, base.dim, base.size)

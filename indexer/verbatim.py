@@ -16,12 +16,18 @@ token, so spans match across differences in spacing. Nothing is downloaded.
 
 Layout of an index directory::
 
-    tokenized.0 offset.0 table.0   infini-gram files
-    vocab.json                     the tokenizer
-    idmap.npy                      sorted tokenizer ids used by the corpus; index id = rank + 2
-    unigram.npy                    int64 count of each index id in the corpus
+    tokenized.0 offset.0 table.0   infini-gram files of the built corpus (shard 0)
     docs.jsonl docs.idx            one {"id","text","metadata"} per line; uint64 line offsets
-    meta.json                      format, counts, token dtype
+    shard-N/                       documents added later (N = 1, 2, ...): the same five files
+    vocab.json                     the tokenizer (words first seen in an added shard appended)
+    idmap.npy                      tokenizer id of each index id − 2 (sorted for the built corpus,
+                                   ids first used by an added shard appended)
+    unigram.npy                    int64 count of each index id in the corpus
+    meta.json                      format, counts, token dtype, added shards
+
+Adding documents (:func:`add_verbatim_shard`) writes a new ``shard-N`` with its own suffix array
+(infini-gram queries all shards of an index together) and replaces only the small shared files,
+so the files of earlier shards can stay hard-linked between index versions.
 """
 
 from __future__ import annotations
@@ -205,6 +211,47 @@ def _run_build_sa(directory: Path, token_width: int) -> None:
         )
 
 
+def _write_shard(tmp: Path, documents: Sequence[dict[str, Any]], index_ids: list[np.ndarray],
+                 vocab_size: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
+    """Write one shard's token and document files into ``tmp`` and build its suffix array;
+    returns the unigram counts of its index ids and its number of tokens."""
+    sep = b"\xff" * dtype.itemsize
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    offsets = np.zeros(len(documents), dtype="<u8")
+    line_offsets = np.zeros(len(documents), dtype="<u8")
+    pos = line_pos = num_tokens = 0
+    with open(tmp / "tokenized.0", "wb") as ds, open(tmp / "docs.jsonl", "wb") as dj:
+        for i, doc in enumerate(documents):
+            ids = index_ids[i]
+            index_ids[i] = None  # type: ignore[call-overload]  # free as we go
+            counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+            num_tokens += len(ids)
+            payload = sep + ids.astype(dtype).tobytes()
+            offsets[i] = pos
+            ds.write(payload)
+            pos += len(payload)
+            rec = {"id": str(doc["id"]), "text": doc["text"], "metadata": doc.get("metadata") or {}}
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
+            line_offsets[i] = line_pos
+            dj.write(line)
+            line_pos += len(line)
+    offsets.tofile(tmp / "offset.0")
+    line_offsets.tofile(tmp / "docs.idx")
+    _run_build_sa(tmp, dtype.itemsize)
+    return counts, num_tokens
+
+
+def _replace_file(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary sibling and ``os.replace``: a hard link to an earlier
+    version's file is replaced, never written through."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def build_verbatim_index(
     documents: Sequence[dict[str, Any]],
     directory: str | os.PathLike[str],
@@ -231,44 +278,16 @@ def build_verbatim_index(
     used = np.unique(np.concatenate(raw)) if raw else np.zeros(0, dtype=np.int64)
     vocab_size = FIRST_WORD_ID + len(used)
     u16 = vocab_size < U16_LIMIT
-    dtype, width = (np.dtype("<u2"), 2) if u16 else (np.dtype("<u4"), 4)
-    sep = b"\xff" * width
+    index_ids = [np.searchsorted(used, r) + FIRST_WORD_ID for r in raw]
+    del raw
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         np.save(tmp / "idmap.npy", used)
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        offsets = np.zeros(len(documents), dtype="<u8")
-        line_offsets = np.zeros(len(documents), dtype="<u8")
-        pos = line_pos = 0
-        num_tokens = 0
-        with (
-            open(tmp / "tokenized.0", "wb") as ds,
-            open(tmp / "docs.jsonl", "wb") as dj,
-        ):
-            for i, doc in enumerate(documents):
-                ids = np.searchsorted(used, raw[i]) + FIRST_WORD_ID
-                raw[i] = None  # type: ignore[call-overload]  # free as we go
-                counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
-                num_tokens += len(ids)
-                payload = sep + ids.astype(dtype).tobytes()
-                offsets[i] = pos
-                ds.write(payload)
-                pos += len(payload)
-                rec = {
-                    "id": str(doc["id"]),
-                    "text": doc["text"],
-                    "metadata": doc.get("metadata") or {},
-                }
-                line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
-                line_offsets[i] = line_pos
-                dj.write(line)
-                line_pos += len(line)
-        offsets.tofile(tmp / "offset.0")
-        line_offsets.tofile(tmp / "docs.idx")
+        dtype = np.dtype("<u2") if u16 else np.dtype("<u4")
+        counts, num_tokens = _write_shard(tmp, documents, index_ids, vocab_size, dtype)
         np.save(tmp / "unigram.npy", counts)
         tokenizer.save(tmp / "vocab.json")
-        _run_build_sa(tmp, width)
         meta = {
             "format": FORMAT,
             "num_documents": len(documents),
@@ -276,6 +295,7 @@ def build_verbatim_index(
             "vocab_size": vocab_size,
             "token_dtype": "u16" if u16 else "u32",
             "tokenizer": "word-level/1",
+            "shards": [],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         old = None
@@ -289,6 +309,59 @@ def build_verbatim_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def add_verbatim_shard(directory: str | os.PathLike[str], documents: Sequence[dict[str, Any]]
+                       ) -> dict[str, Any]:
+    """Add ``documents`` to the built index at ``directory`` as a new shard; returns the new meta.
+
+    The shard (``shard-N``) is written under a temporary name and renamed; ``vocab.json``,
+    ``idmap.npy``, ``unigram.npy`` and ``meta.json`` are replaced, not written through, so an
+    earlier index version that hard-links them keeps its own. Words the index has not seen get
+    new tokenizer and index ids; a u16 index whose ids would reach 65,535 must be rebuilt.
+    """
+    _validate(documents)
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    tokenizer = WordTokenizer.load(directory / "vocab.json")
+    next_id = max([FIRST_WORD_ID - 1, *tokenizer.vocab.values()]) + 1
+    for doc in documents:  # words first seen here get new tokenizer ids
+        for tok, _, _ in tokenize_with_offsets(doc["text"]):
+            if tok not in tokenizer.vocab:
+                tokenizer.vocab[tok], next_id = next_id, next_id + 1
+    raw = [np.asarray(tokenizer.encode(d["text"]), dtype=np.int64) for d in documents]
+    idmap = np.load(directory / "idmap.npy")
+    used = np.unique(np.concatenate(raw)) if raw else np.zeros(0, dtype=np.int64)
+    idmap = np.concatenate([idmap, np.setdiff1d(used, idmap)])
+    vocab_size = FIRST_WORD_ID + len(idmap)
+    if meta["token_dtype"] == "u16" and vocab_size >= U16_LIMIT:
+        raise IndexerError(
+            f"the verbatim index would need {vocab_size} token ids, over the u16 layout's "
+            f"{U16_LIMIT - 1}: rebuild the index instead of adding to it"
+        )
+    order = np.argsort(idmap, kind="stable")
+    index_ids = [order[np.searchsorted(idmap[order], r)] + FIRST_WORD_ID for r in raw]
+    del raw
+    meta["superseded"] = _superseded(directory, meta, {str(d["id"]) for d in documents})
+    name = f"shard-{len(meta.get('shards', [])) + 1}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+    try:
+        dtype = np.dtype("<u2") if meta["token_dtype"] == "u16" else np.dtype("<u4")
+        counts, num_tokens = _write_shard(tmp, documents, index_ids, vocab_size, dtype)
+        old = np.load(directory / "unigram.npy")
+        counts[: len(old)] += old
+        os.replace(tmp, directory / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    meta.update(num_documents=meta["num_documents"] + len(documents),
+                num_tokens=meta["num_tokens"] + int(num_tokens), vocab_size=vocab_size,
+                shards=[*meta.get("shards", []), name])
+    _replace_file(directory / "idmap.npy", lambda p: np.save(p, idmap, allow_pickle=False))
+    _replace_file(directory / "unigram.npy", lambda p: np.save(p, counts, allow_pickle=False))
+    _replace_file(directory / "vocab.json", tokenizer.save)
+    _replace_file(directory / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return meta
 
 
 def build_corpus_verbatim(
@@ -312,7 +385,29 @@ def build_corpus_verbatim(
     meta = json.loads((directory / "meta.json").read_text())
     return {**meta, "path": directory.name,
             "tokenizer_source": "model" if tokenizer is not None else "corpus",
-            "bytes": sum(p.stat().st_size for p in directory.iterdir() if p.is_file())}
+            "bytes": index_bytes(directory)}
+
+
+def _superseded(directory: Path, meta: dict[str, Any], new_ids: set[str]) -> list[list[int]]:
+    """(shard, document) pairs hidden from now on: earlier documents with an id added again (a
+    record deleted and re-added with new text must not show its old text's spans)."""
+    hidden = [list(pair) for pair in meta.get("superseded", [])]
+    for shard, path in enumerate([directory, *(directory / n for n in meta.get("shards", []))]):
+        with open(path / "docs.jsonl", "rb") as lines:
+            hidden += [[shard, i] for i, line in enumerate(lines)
+                       if json.loads(line)["id"] in new_ids]
+    return hidden
+
+
+def add_corpus_verbatim(directory: Path, ids: Sequence[str], texts: Sequence[str],
+                        metadata: Sequence[dict[str, Any]], entry: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """Add a text corpus's documents to the verbatim index of an index version as a new shard
+    (:func:`add_verbatim_shard`); returns the updated manifest ``entry``."""
+    documents = [{"id": str(i), "text": t, "metadata": m}
+                 for i, t, m in zip(ids, texts, metadata, strict=True)]
+    meta = add_verbatim_shard(directory, documents)
+    return {**entry, **meta, "bytes": index_bytes(directory)}
 
 
 class VerbatimIndex:
@@ -328,23 +423,27 @@ class VerbatimIndex:
         self.tokenizer = WordTokenizer.load(directory / "vocab.json")
         self.token_dtype: str = meta["token_dtype"]
         self._width = 2 if self.token_dtype == "u16" else 4
-        self._doc_offsets = np.fromfile(directory / "offset.0", dtype="<u8").astype(np.int64)
-        self._line_offsets = np.fromfile(directory / "docs.idx", dtype="<u8")
+        self.shard_dirs = [directory, *(directory / name for name in meta.get("shards", []))]
+        self._doc_offsets = [np.fromfile(d / "offset.0", dtype="<u8").astype(np.int64)
+                             for d in self.shard_dirs]
+        self._line_offsets = [np.fromfile(d / "docs.idx", dtype="<u8") for d in self.shard_dirs]
         counts = np.load(directory / "unigram.npy")
         total = max(int(counts.sum()), 1)
         # add-one smoothing so that no token has probability 0
         self._logprob = np.log((counts + 1.0) / (total + len(counts)))
-        self._docs_file = open(directory / "docs.jsonl", "rb")  # noqa: SIM115 (lives with self)
-        self._docs_lock = threading.Lock()  # seek + readline on one shared handle
+        # one handle per shard, living with self; seek + readline share them under the lock
+        self._docs_files = [open(d / "docs.jsonl", "rb") for d in self.shard_dirs]  # noqa: SIM115
+        self._docs_lock = threading.Lock()
         vocab_size = U16_LIMIT if self.token_dtype == "u16" else max(meta["vocab_size"], 2)
         if load_to_ram is None:
-            size = sum((directory / f).stat().st_size for f in ("tokenized.0", "table.0"))
+            size = sum((d / f).stat().st_size for d in self.shard_dirs
+                       for f in ("tokenized.0", "table.0"))
             load_to_ram = size <= LOAD_TO_RAM_MAX_BYTES
         self.load_to_ram = load_to_ram
         # Prefetch depth 0: infini-gram's prefetching is meant for huge disk-resident indexes;
         # here it made each count ~10x slower (measured on 2 shared cores).
-        self.engine = InfiniGramEngine(
-            index_dir=str(directory),
+        self.engine = InfiniGramEngine(  # its shard s = position in this list
+            index_dir=[str(d) for d in self.shard_dirs],
             eos_token_id=EOS_ID,
             vocab_size=vocab_size,
             token_dtype=self.token_dtype,
@@ -353,7 +452,10 @@ class VerbatimIndex:
             sa_prefetch_depth=0,
             od_prefetch_depth=0,
         )
-        self._idmap = np.load(directory / "idmap.npy")
+        idmap = np.load(directory / "idmap.npy")
+        self._superseded = {(int(a), int(b)) for a, b in meta.get("superseded", [])}
+        self._idmap_order = np.argsort(idmap, kind="stable")  # identity unless shards were added
+        self._idmap = idmap[self._idmap_order]
         self._sentence_end_ids = {
             self._to_index_ids([self.tokenizer.vocab[t]])[0]
             for t in SENTENCE_ENDS
@@ -366,7 +468,8 @@ class VerbatimIndex:
             return [UNK_ID] * len(raw)
         arr = np.asarray(raw, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self._idmap, arr), len(self._idmap) - 1)
-        return np.where(self._idmap[pos] == arr, pos + FIRST_WORD_ID, UNK_ID).tolist()
+        index_ids = self._idmap_order[pos] + FIRST_WORD_ID
+        return np.where(self._idmap[pos] == arr, index_ids, UNK_ID).tolist()
 
     def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         raw, offsets = self.tokenizer.encode_with_offsets(text)
@@ -395,13 +498,17 @@ class VerbatimIndex:
             "docs.jsonl",
             "docs.idx",
         ]
-        missing = [n for n in needed if not (directory / n).exists()]
+        shard_files = ["tokenized.0", "offset.0", "table.0", "docs.jsonl", "docs.idx"]
+        missing = [n for n in needed if not (directory / n).exists()] + [
+            f"{d}/{n}" for d in meta.get("shards", []) for n in shard_files
+            if not (directory / d / n).exists()]
         if missing:
             raise IndexCorruptError(f"verbatim index {directory} is missing {', '.join(missing)}")
         return cls(directory, meta, load_to_ram=load_to_ram)
 
     def close(self) -> None:
-        self._docs_file.close()
+        for file in self._docs_files:
+            file.close()
 
     def __enter__(self) -> VerbatimIndex:
         return self
@@ -413,10 +520,11 @@ class VerbatimIndex:
     def num_documents(self) -> int:
         return int(self.meta["num_documents"])
 
-    def document(self, doc_ix: int) -> dict[str, Any]:
+    def document(self, doc_ix: int, shard: int = 0) -> dict[str, Any]:
+        """The ``doc_ix``-th document of a shard: {"id", "text", "metadata"}."""
         with self._docs_lock:
-            self._docs_file.seek(int(self._line_offsets[doc_ix]))
-            line = self._docs_file.readline()
+            self._docs_files[shard].seek(int(self._line_offsets[shard][doc_ix]))
+            line = self._docs_files[shard].readline()
         return json.loads(line)
 
     def count(self, text: str) -> int:
@@ -475,10 +583,14 @@ class VerbatimIndex:
             a, b = sp["l"], sp["r"]
             if b - a < min_tokens or UNK_ID in ids[a:b]:
                 continue
-            docs = [
-                self._doc_match(d["ptr"], b - a, context_chars)
-                for d in sp["docs"][:max_docs_per_span]
-            ]
+            live = sp["docs"]
+            if self._superseded:  # only after a document was re-added with new text
+                live = [d for d in live
+                        if (d["s"], self._doc_ix(d["s"], d["ptr"])) not in self._superseded]
+                if not live:
+                    continue  # found only in documents replaced by a later shard
+            docs = [self._doc_match(d["s"], d["ptr"], b - a, context_chars)
+                    for d in live[:max_docs_per_span]]
             start, end = char_spans[a][0], char_spans[b - 1][1]
             found.append(
                 VerbatimSpan(
@@ -486,7 +598,7 @@ class VerbatimIndex:
                     end=end,
                     text=output_text[start:end],
                     num_tokens=b - a,
-                    count=int(sp["count"]),
+                    count=int(sp["count"]) - (len(sp["docs"]) - len(live)),
                     unigram_logprob=float(self._logprob[ids[a:b]].sum()),
                     documents=docs,
                 )
@@ -494,10 +606,14 @@ class VerbatimIndex:
         found.sort(key=lambda s: (s.unigram_logprob, s.start))
         return found
 
-    def _doc_match(self, ptr: int, length: int, context_chars: int) -> SpanDocument:
-        doc_ix = int(np.searchsorted(self._doc_offsets, ptr, side="right")) - 1
-        tok_pos = (ptr - int(self._doc_offsets[doc_ix])) // self._width - 1  # minus the separator
-        doc = self.document(doc_ix)
+    def _doc_ix(self, shard: int, ptr: int) -> int:
+        """The shard's document holding byte ``ptr`` of its token file."""
+        return int(np.searchsorted(self._doc_offsets[shard], ptr, side="right")) - 1
+
+    def _doc_match(self, shard: int, ptr: int, length: int, context_chars: int) -> SpanDocument:
+        doc_ix = self._doc_ix(shard, ptr)
+        tok_pos = (ptr - int(self._doc_offsets[shard][doc_ix])) // self._width - 1  # separator
+        doc = self.document(doc_ix, shard)
         _, char_spans = self.tokenizer.encode_with_offsets(doc["text"])
         start, end = char_spans[tok_pos][0], char_spans[tok_pos + length - 1][1]
         text = doc["text"]
@@ -508,9 +624,14 @@ class VerbatimIndex:
         )
 
 
+def index_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes of every file of the index, added shards included."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
 def bytes_per_token(directory: str | os.PathLike[str]) -> float:
     """Size on disk of the whole index directory divided by the corpus token count."""
     directory = Path(directory)
     meta = json.loads((directory / "meta.json").read_text())
-    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    size = index_bytes(directory)
     return size / max(meta["num_tokens"], 1) if meta["num_tokens"] else math.inf

@@ -110,7 +110,8 @@ class IndexCache:
             return len(self._open)
 
     def preload(self) -> None:
-        """Open every tenant's indexes and restore their query side (for /readyz).
+        """Open every tenant's indexes, restore their query side and open their verbatim-span
+        index if they have one (for /readyz).
 
         What is alive then (modules, models, indexes) lives as long as the process: it is
         frozen out of the garbage collector, whose full passes would otherwise rescan it under
@@ -123,6 +124,8 @@ class IndexCache:
                         batcher = self.batcher(tenant_dir.name, name)
                         if not batcher.remote:
                             batcher.index.method()
+                        if batcher.index.manifest.get("verbatim"):  # provenance spans, always local
+                            batcher.index.verbatim()
                     except Exception as err:  # a broken index must not stop the others
                         self.preload_errors[f"{tenant_dir.name}/{name}"] = str(err)
                         log.warning("could not preload index %s/%s: %s", tenant_dir.name, name, err)

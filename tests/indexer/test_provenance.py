@@ -15,7 +15,15 @@ from indexer.cli import index_app
 from indexer.demo_lm import PASSAGES, DemoLM, generate, write_demo_lm
 from indexer.errors import IndexerError
 from indexer.index import AttributionIndex
-from indexer.provenance import ProvenanceError, ProvenanceOptions, read_takedown, trace
+from indexer.provenance import (
+    LM_METHOD,
+    LM_METHOD_ARGS,
+    ProvenanceError,
+    ProvenanceOptions,
+    read_takedown,
+    trace,
+)
+from indexer.update import add_records
 from indexer.verbatim import MAX_OUTPUT_TOKENS
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
@@ -143,5 +151,52 @@ def test_deleted_documents_leave_the_answer(index) -> None:
         assert all(d["id"] != doc_id for s in answer["spans"] for d in s["documents"])
         assert doc_id not in [d["id"] for d in answer["documents"]]
         assert trace(index, "", passage)["spans"][0]["documents"][0]["id"] == doc_id
+    finally:
+        newer.close()
+
+
+def test_prompt_free_output_is_attributed_by_ekfac_influence(demo: DemoLM) -> None:
+    """Without a prompt TRAK can rank a memorised document near last (benchmarks/RESULTS.md);
+    EK-FAC influence over the early checkpoints ranks each first by a wide margin."""
+    result = build_index(demo.card, demo.corpus, name="ekfac", root=demo.directory / "ix",
+                         method=LM_METHOD, method_args={**LM_METHOD_ARGS, "checkpoints": [0, 1]},
+                         dtype="float16", show_progress=False, recall_queries=4,
+                         data_root=demo.directory, self_influence=False)
+    ekfac = AttributionIndex.open(result.path)
+    try:
+        for doc_id, passage, _ in PASSAGES:
+            answer = trace(ekfac, "", passage, ProvenanceOptions(k=2))
+            first, second = answer["attribution"]["documents"]
+            assert first["id"] == doc_id, (doc_id, first, second)
+            assert first["score"] > 2 * max(second["score"], 0.0)  # measured 16-103x (3.1x or more on seeds 0-2)
+            assert answer["attribution"]["prompt_tokens"] == 0
+    finally:
+        ekfac.close()
+
+
+def test_added_document_gets_verbatim_spans(demo: DemoLM, index) -> None:
+    passage = "Quartz otters juggle eleven moonlit pears beside the velvet canal of Brisk."
+    doc = {"id": "added-otters", "text": f"Arlen is a town in Norland. {passage} Serve it warm.",
+           "source": "archive", "url": "https://archive.example.org/added-otters",
+           "license": "CC0-1.0"}
+    added = demo.directory / "added.jsonl"
+    added.write_text(json.dumps(doc) + "\n", encoding="utf-8")
+    newer = add_records(index.path.parents[1], added, data_root=demo.directory,
+                        show_progress=False)
+    try:
+        entry = newer.manifest["verbatim"]
+        assert entry["num_documents"] == demo.num_documents + 1 and entry["shards"] == ["shard-1"]
+        answer = trace(newer, "", f"It went: {passage}", attribution=False)
+        best = answer["spans"][0]
+        assert best["text"] == passage and best["count"] == 1
+        (found,) = best["documents"]
+        assert found["id"] == doc["id"] and found["metadata"]["license"] == "CC0-1.0"
+        assert doc["text"][found["start"]:found["end"]] == passage
+        old_id, old_passage, _ = PASSAGES[1]  # the built documents are still found
+        assert trace(newer, "", old_passage, attribution=False)["spans"][0]["documents"][0][
+            "id"] == old_id
+        shard0 = "verbatim/table.0"  # hard-linked, and the older version does not see the add
+        assert (newer.path / shard0).stat().st_ino == (index.path / shard0).stat().st_ino
+        assert index.verbatim().count(passage) == 0
     finally:
         newer.close()

@@ -14,6 +14,7 @@ from indexer.verbatim import (
     VerbatimError,
     VerbatimIndex,
     WordTokenizer,
+    add_verbatim_shard,
     build_verbatim_index,
 )
 
@@ -176,3 +177,43 @@ def test_tokenizer_ids_over_u16_are_remapped(tmp_path: Path):
         assert [(s.text, [d.id for d in s.documents]) for s in spans] == [
             ("omega alpha beta", ["c"])
         ]
+
+
+def test_added_shard_is_searched_with_the_built_one(corpus: list[dict], tmp_path: Path):
+    directory = build_verbatim_index(corpus, tmp_path / "idx")
+    before = {p.name: p.stat().st_ino for p in directory.iterdir() if p.is_file()}
+    # new words ("Quillon", "obsidian", ...) and words of the built corpus, a sentence of both
+    added = [{"id": "new-1", "text": f"Intro. {PLANTED}. Near the Quillon obsidian gate.",
+              "metadata": {"source": "added"}},
+             {"id": "new-2", "text": "The Quillon obsidian gate opens slowly."}]
+    meta = add_verbatim_shard(directory, added)
+    assert meta["shards"] == ["shard-1"] and meta["num_documents"] == len(corpus) + 2
+    for name in ("tokenized.0", "table.0", "offset.0", "docs.jsonl", "docs.idx"):
+        assert (directory / name).stat().st_ino == before[name]  # shard 0 untouched
+    for name in ("vocab.json", "idmap.npy", "unigram.npy", "meta.json"):
+        assert (directory / name).stat().st_ino != before[name]  # replaced, not written through
+    with VerbatimIndex.open(directory) as idx:
+        assert idx.count(PLANTED) == 2 and idx.count("Quillon obsidian gate") == 2
+        output = f"It said {PLANTED}. Then: the Quillon obsidian gate opens slowly!"
+        spans = idx.spans(output, min_tokens=4, max_docs_per_span=5)
+        by_text = {s.text: s for s in spans}
+        planted = by_text[PLANTED + "."]
+        assert sorted(d.id for d in planted.documents) == ["doc-137", "new-1"]
+        new = next(d for d in planted.documents if d.id == "new-1")
+        assert added[0]["text"][new.start:new.end] == PLANTED + "." and new.metadata == {
+            "source": "added"}
+        gate = by_text["Quillon obsidian gate opens slowly"]
+        assert [d.id for d in gate.documents] == ["new-2"]
+        assert added[1]["text"][gate.documents[0].start:gate.documents[0].end] == gate.text
+    # a record deleted and added again with new text: its old text's spans are gone
+    replaced = {"id": "doc-137", "text": "Quillon obsidian gate again. Brand new words here."}
+    meta = add_verbatim_shard(directory, [replaced])
+    assert meta["superseded"] == [[0, 137]]
+    with VerbatimIndex.open(directory) as idx:
+        assert idx.num_documents == len(corpus) + 3
+        planted = idx.spans(f"{PLANTED}.", min_tokens=4)[0]
+        assert [d.id for d in planted.documents] == ["new-1"] and planted.count == 1
+        gate = idx.spans("Quillon obsidian gate again.", min_tokens=4)[0]
+        assert gate.text == "Quillon obsidian gate again." and gate.count == 1
+        assert [(d.id, d.start) for d in gate.documents] == [("doc-137", 0)]
+    assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == ["shard-1", "shard-2"]

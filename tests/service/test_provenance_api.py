@@ -158,3 +158,22 @@ def test_topk_by_text_uses_the_models_word_level_tokenizer(world, lm) -> None:
         reply = http.post("/v1/indexes/demo-lm/topk", json={"examples": {"text": [passage]}, "k": 3})
     assert reply.status_code == 200, reply.text
     assert reply.json()["results"][0]["proponents"][0]["id"] == doc_id
+
+
+def test_preload_opens_the_verbatim_index(world, lm) -> None:  # type: ignore[no-untyped-def]
+    """Preloading (for /readyz) opens an index's verbatim part too: the first provenance
+    request does not pay for opening the suffix array."""
+    import gc
+
+    from service.indexes import IndexCache
+
+    cache = IndexCache(world.harness.settings)
+    try:
+        cache.preload()
+        index = cache.get(TENANT, "demo-lm")
+        assert f"{TENANT}/demo-lm" not in cache.preload_errors
+        assert index._verbatim is not None  # opened by preload, before any request
+        assert index.verbatim().count(PASSAGES[0][1]) == 1
+    finally:
+        gc.unfreeze()  # preload freezes what lives in a serving process; not in this one
+        cache.close()
