@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from indexer import faiss_index
-from indexer.cards import ModelCard, load_card, load_task, model_fingerprint
+from indexer.cards import ModelCard, load_card, load_task, model_fingerprint, pad_token_id
 from indexer.corpus import Corpus, load_corpus
 from indexer.errors import CorpusError, IndexerError
 from indexer.layout import (
@@ -262,7 +262,8 @@ def read_corpus(corpus_path: str | Path, card: ModelCard, data_root: Path | None
         return text_tokenizer(tokenizer_dir)(texts)
 
     corpus = load_corpus(corpus_path, card.task, data_root=data_root, input_shape=card.input_shape,
-                         tokenizer=tokenize, max_length=card.max_length)
+                         tokenizer=tokenize, max_length=card.max_length,
+                         pad_id=pad_token_id(card))
     if seen:
         corpus.extra["texts"] = seen
     return corpus

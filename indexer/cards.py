@@ -136,6 +136,20 @@ def load_card(path: str | os.PathLike[str], data_root: Path | None = None) -> Mo
     return resolve_paths(card, card_path.parent, data_root, str(path))
 
 
+def pad_token_id(card: ModelCard) -> int:
+    """The id token inputs are padded with: a Hugging Face model's ``pad_token_id`` (its
+    classifier pools the last non-pad token, so padding must use it), else 0."""
+    if card.architecture.huggingface:
+        try:
+            config = json.loads((Path(card.architecture.huggingface) / "config.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        value = config.get("pad_token_id") if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return 0
+
+
 def resolve_paths(card: ModelCard, base: Path, data_root: Path | None, source: str) -> ModelCard:
     """Return a copy of ``card`` with absolute, checked paths; raise :class:`CardError`."""
     problems: list[str] = []

@@ -82,8 +82,11 @@ def load_corpus(
     input_shape: list[int] | None = None,
     tokenizer: Tokenizer | None = None,
     max_length: int | None = None,
+    pad_id: int = 0,
 ) -> Corpus:
     """Read and check a corpus for a ``task`` ("classification", "regression", "causal-lm").
+
+    Token inputs are right-padded with ``pad_id`` (the model's pad token) to equal length.
 
     Raises :class:`CorpusError` for an unknown format, missing or duplicate ids, missing inputs
     or targets, ragged or non-numeric inputs, NaN/inf values and non-integer class labels.
@@ -100,7 +103,7 @@ def load_corpus(
     if table.num_rows == 0:
         raise CorpusError(f"corpus {path} has no records")
     ids = _ids(table)
-    x, kind, used, lengths = _inputs(table, ids, task, tokenizer, max_length)
+    x, kind, used, lengths = _inputs(table, ids, task, tokenizer, max_length, pad_id)
     if input_shape is not None:
         x = _reshape(x, input_shape, kind)
     y, used_y = _targets(table, ids, task, x, lengths)
@@ -188,7 +191,8 @@ def _ids(table: pa.Table) -> np.ndarray:
 
 
 def _inputs(
-    table: pa.Table, ids: np.ndarray, task: str, tokenizer: Tokenizer | None, max_length: int | None
+    table: pa.Table, ids: np.ndarray, task: str, tokenizer: Tokenizer | None,
+    max_length: int | None, pad_id: int = 0,
 ) -> tuple[np.ndarray, str, list[str], list[int] | None]:
     """Inputs, their kind, the columns used, and token counts before padding (tokens only)."""
     names = table.column_names
@@ -206,7 +210,7 @@ def _inputs(
         return np.stack(parts, axis=1).astype(np.float32), "columns", xcols, None
     if "input_ids" in names:
         tokens = _ragged_ints(table.column("input_ids"), "input_ids", ids)
-        return _pad(tokens, 0, max_length), "tokens", ["input_ids"], [len(t) for t in tokens]
+        return _pad(tokens, pad_id, max_length), "tokens", ["input_ids"], [len(t) for t in tokens]
     if "text" in names:
         if tokenizer is None:
             raise CorpusError(
@@ -217,7 +221,7 @@ def _inputs(
         if texts.null_count:
             raise CorpusError(f"'text' has {texts.null_count} missing value(s)")
         tokens = [np.asarray(t, dtype=np.int64) for t in tokenizer(texts.to_pylist())]
-        return _pad(tokens, 0, max_length), "text", ["text"], [len(t) for t in tokens]
+        return _pad(tokens, pad_id, max_length), "text", ["text"], [len(t) for t in tokens]
     raise CorpusError(
         f"no inputs found among columns {names}; give a 'features' list column, numeric columns "
         "x0, x1, ..., 'input_ids' or 'text'"

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from indexer.cards import pad_token_id
 from indexer.corpus import IGNORE_INDEX
 from service.core.problems import Problem
 
@@ -26,6 +27,7 @@ class TextEncoder:
         card = index.card
         self.index_name = index.name
         self.task: str = card.task
+        self.pad_id = pad_token_id(card)  # as the corpus was padded (indexer.cards)
         self.directory: str | None = card.tokenizer or card.architecture.huggingface
         corpus = index.manifest["corpus"]
         self.reads_tokens = str(corpus["input_dtype"]).startswith("int")
@@ -71,7 +73,7 @@ class TextEncoder:
         length = max(len(t) for t in tokens)
         if self.length is not None:
             length = self.length if self.task != "causal-lm" else min(length, self.length)
-        x = np.zeros((len(tokens), length), dtype=np.int64)
+        x = np.full((len(tokens), length), self.pad_id, dtype=np.int64)
         for row, t in zip(x, tokens, strict=True):
             row[: min(len(t), length)] = t[:length]
         if self.task != "causal-lm":

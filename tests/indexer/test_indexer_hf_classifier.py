@@ -17,14 +17,19 @@ from tests.attribution.test_hf_classifier import gpt2_classifier, padded_tokens
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_hf_gpt2_classifier_directory_indexes_and_answers_topk(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pad", [0, 30])
+def test_hf_gpt2_classifier_directory_indexes_and_answers_topk(tmp_path: Path, pad: int) -> None:
+    """The ragged corpus is padded with the model's own pad id (the classifier pools the last
+    non-pad token), so index answers equal the engine's on the same model-padded inputs."""
     x, y, lengths = padded_tokens(12, seed=3)
+    for i, n in enumerate(lengths):
+        x[i, n:] = pad
     pq.write_table(pa.table({
         "id": [f"doc-{i}" for i in range(12)],
         "input_ids": [x[i, :n].tolist() for i, n in enumerate(lengths)],  # ragged: padded on load
         "label": y.tolist(),
     }), tmp_path / "docs.parquet")
-    gpt2_classifier().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    gpt2_classifier(pad_token_id=pad).save_pretrained(tmp_path / "hf", safe_serialization=True)
     (tmp_path / "card.yaml").write_text(yaml.safe_dump(
         {"task": "classification", "architecture": {"huggingface": "hf"}}))
     result = build_index(tmp_path / "card.yaml", tmp_path / "docs.parquet", name="cls",
@@ -37,7 +42,8 @@ def test_hf_gpt2_classifier_directory_indexes_and_answers_topk(tmp_path: Path) -
     query = (x[:2, :width], y[:2])
     top = index.topk(index.query_vectors(query), k=3)
     # the same scores as the engine fitted in memory on the padded corpus
-    engine = TRAK(ClassificationTask(gpt2_classifier()), proj_dim=16).fit((x[:, :width], y))
+    engine = TRAK(ClassificationTask(gpt2_classifier(pad_token_id=pad)), proj_dim=16)
+    engine.fit((x[:, :width], y))
     scores = engine.score(query)
     for row in range(2):
         expected = [f"doc-{i}" for i in np.argsort(-scores[row])[:3]]
