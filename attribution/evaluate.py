@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 
 from attribution.data import Examples
 from attribution.errors import AttributionError
+from attribution.files import atomic_write
 from attribution.tasks import Task
 from attribution.training import TaskFactory, TrainConfig, evaluate_outputs, torch_threads, train
 
@@ -151,24 +151,14 @@ class SubsetResults:
 
     def save(self, path: str | Path) -> Path:
         """Write an ``.npz`` atomically: a temporary file in the same folder, then os.replace."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    masks=self.masks,
-                    outputs=self.outputs,
-                    losses=self.losses,
-                    subset_ids=self.subset_ids,
-                    meta=np.array(json.dumps(self.meta, sort_keys=True)),
-                )
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write(path, lambda handle: np.savez(
+            handle,
+            masks=self.masks,
+            outputs=self.outputs,
+            losses=self.losses,
+            subset_ids=self.subset_ids,
+            meta=np.array(json.dumps(self.meta, sort_keys=True)),
+        ))
 
     @classmethod
     def load(cls, path: str | Path) -> SubsetResults:

@@ -35,7 +35,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from indexer import faiss_index
-from indexer.cards import ModelCard, load_card, load_task, model_fingerprint, pad_token_id
+from indexer.cards import (
+    ModelCard,
+    load_card,
+    load_task,
+    model_fingerprint,
+    pad_token_id,
+    tokenizer_dir,
+)
 from indexer.corpus import Corpus, load_corpus
 from indexer.errors import CorpusError, IndexerError
 from indexer.layout import (
@@ -251,15 +258,15 @@ def new_manifest(name: str, key: str, method: str, engine: Any, card: ModelCard,
 # --- inputs ---------------------------------------------------------------------------------------
 def read_corpus(corpus_path: str | Path, card: ModelCard, data_root: Path | None) -> Corpus:
     """Load a corpus the way the card's model reads it (input shape, tokenizer)."""
-    tokenizer_dir = card.tokenizer or card.architecture.huggingface
+    directory = tokenizer_dir(card)
 
     seen: list[str] = []
 
     def tokenize(texts: list[str]) -> list[list[int]]:
-        if tokenizer_dir is None:
+        if directory is None:
             raise CorpusError("text inputs need a tokenizer: add 'tokenizer: <dir>' to the model card")
         seen[:] = texts  # kept for the verbatim index of causal-LM text corpora
-        return text_tokenizer(tokenizer_dir)(texts)
+        return text_tokenizer(directory)(texts)
 
     corpus = load_corpus(corpus_path, card.task, data_root=data_root, input_shape=card.input_shape,
                          tokenizer=tokenize, max_length=card.max_length,

@@ -136,6 +136,11 @@ def load_card(path: str | os.PathLike[str], data_root: Path | None = None) -> Mo
     return resolve_paths(card, card_path.parent, data_root, str(path))
 
 
+def tokenizer_dir(card: ModelCard) -> str | None:
+    """Where the card's tokenizer lives: ``tokenizer``, else the Hugging Face model directory."""
+    return card.tokenizer or card.architecture.huggingface
+
+
 def pad_token_id(card: ModelCard) -> int:
     """The id token inputs are padded with: a Hugging Face model's ``pad_token_id`` (its
     classifier pools the last non-pad token, so padding must use it), else 0."""

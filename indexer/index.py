@@ -75,6 +75,7 @@ class AttributionIndex:
         self._lookup: dict[str, int] | None = None
         self._method: Any = None
         self._verbatim: Any = None
+        self._tokenizer: Any = None
         self._lock = threading.Lock()
         # CPU FAISS searches are thread-safe; GPU resources are not
         self._search_lock = threading.Lock() if faiss_index.gpu_available() else nullcontext()
@@ -331,11 +332,28 @@ class AttributionIndex:
         from attribution.errors import AttributionError
 
         method = self.method()
-        try:
-            with self._lock:
-                return method.query_vectors(examples, measurement)  # type: ignore[arg-type]
+        try:  # thread-safe: the engine serialises the checkpoint swaps of its model
+            return method.query_vectors(examples, measurement)  # type: ignore[arg-type]
         except AttributionError as err:
             raise IndexerError(f"cannot featurize the query for index {self.name}: {err}") from err
+
+    def tokenizer(self) -> Any:
+        """The model's tokenizer as ``texts -> token id lists`` (loaded once per open version);
+        raises :class:`IndexerError` when the card names none or it cannot be loaded."""
+        from indexer.cards import tokenizer_dir
+        from indexer.verbatim import text_tokenizer
+
+        directory = tokenizer_dir(self.card)
+        if directory is None:
+            raise IndexerError(f"the model card of index {self.name} names no tokenizer")
+        with self._lock:
+            if self._tokenizer is None:
+                try:
+                    self._tokenizer = text_tokenizer(directory)
+                except (OSError, ValueError) as err:
+                    raise IndexerError(f"the tokenizer of index {self.name} ({directory}) cannot "
+                                       f"be loaded: {err}") from err
+            return self._tokenizer
 
     # --- provenance: the verbatim-span index of a causal-LM text corpus ---------------------------
     def verbatim(self) -> Any:

@@ -89,15 +89,14 @@ def read_takedown(paths: Iterable[str | os.PathLike[str]]) -> frozenset[str]:
 
 # --- the two halves ----------------------------------------------------------------------------
 def _encoder(index: Any) -> Any:
-    """The model's own tokenizer (from its card), as ``text -> ids``."""
-    from indexer.verbatim import text_tokenizer
+    """The model's own tokenizer (from its card, cached by the index), as ``text -> ids``."""
+    from indexer.cards import tokenizer_dir
 
-    directory = index.card.tokenizer or index.card.architecture.huggingface
-    if directory is None:
+    if tokenizer_dir(index.card) is None:
         raise ProvenanceError(
             f"index {index.name}'s model card names no tokenizer; provenance needs text inputs"
         )
-    tokenize = text_tokenizer(directory)
+    tokenize = index.tokenizer()
     return lambda text: tokenize([text])[0] if text else []
 
 

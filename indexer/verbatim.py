@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from attribution.files import atomic_write
 from indexer.errors import CorpusError, IndexCorruptError, IndexerError, IndexNotFoundError
 
 FORMAT = "tdaserve-verbatim/1"
@@ -118,9 +119,9 @@ class WordTokenizer:
         return [self.encode(t) for t in texts]
 
     def save(self, path: Path) -> None:
-        path.write_text(
-            json.dumps({"type": WORD_LEVEL, "vocab": self.vocab}, ensure_ascii=False)
-        )
+        """Write the vocabulary as JSON, atomically (the file is replaced, never written into)."""
+        data = json.dumps({"type": WORD_LEVEL, "vocab": self.vocab}, ensure_ascii=False)
+        atomic_write(path, lambda handle: handle.write(data.encode("utf-8")))
 
     @classmethod
     def load(cls, path: Path) -> WordTokenizer:
@@ -241,17 +242,6 @@ def _write_shard(tmp: Path, documents: Sequence[dict[str, Any]], index_ids: list
     return counts, num_tokens
 
 
-def _replace_file(path: Path, write: Any) -> None:
-    """Write ``path`` through a temporary sibling and ``os.replace``: a hard link to an earlier
-    version's file is replaced, never written through."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_verbatim_index(
     documents: Sequence[dict[str, Any]],
     directory: str | os.PathLike[str],
@@ -357,10 +347,11 @@ def add_verbatim_shard(directory: str | os.PathLike[str], documents: Sequence[di
     meta.update(num_documents=meta["num_documents"] + len(documents),
                 num_tokens=meta["num_tokens"] + int(num_tokens), vocab_size=vocab_size,
                 shards=[*meta.get("shards", []), name])
-    _replace_file(directory / "idmap.npy", lambda p: np.save(p, idmap, allow_pickle=False))
-    _replace_file(directory / "unigram.npy", lambda p: np.save(p, counts, allow_pickle=False))
-    _replace_file(directory / "vocab.json", tokenizer.save)
-    _replace_file(directory / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    # replaced whole, never written through: earlier versions hard-link these files
+    atomic_write(directory / "idmap.npy", lambda h: np.save(h, idmap, allow_pickle=False))
+    atomic_write(directory / "unigram.npy", lambda h: np.save(h, counts, allow_pickle=False))
+    tokenizer.save(directory / "vocab.json")
+    atomic_write(directory / "meta.json", lambda h: h.write(json.dumps(meta, indent=2).encode()))
     return meta
 
 

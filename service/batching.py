@@ -64,11 +64,9 @@ class Batcher:
         self.wait = wait_seconds
         self._last_rows = 1  # rows of the previous batch: what steady load brings back
         #: the query side: the index's own method, or a worker (service.remote) for big models
-        self.featurize = featurize or self._local_queries
+        #: (concurrent local calls are safe: the engine serialises its checkpoint swaps)
+        self.featurize = featurize or index.query_vectors
         self.remote = featurize is not None
-        # the engine's query side swaps checkpoints into the model in place: one caller at a
-        # time per open index (this thread, or a route featurizing outside the batcher)
-        self._model_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Ask] = queue.SimpleQueue()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True,
@@ -92,10 +90,6 @@ class Batcher:
 
     def close(self) -> None:
         self._closed.set()
-
-    def _local_queries(self, examples: Any, measurement: str = "output") -> Any:
-        with self._model_lock:
-            return self.index.query_vectors(examples, measurement)
 
     # --- the batching thread --------------------------------------------------------------
     def _loop(self) -> None:

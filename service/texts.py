@@ -1,8 +1,8 @@
 """Text examples for top-k: tokenised in the API with the tokenizer the index's model card names.
 
-The tokenizer is the one the indexer used for the corpus (``indexer.verbatim.text_tokenizer``:
-the model's word-level tokenizer or a local Hugging Face directory, never downloaded), loaded once per open index version. Token
-rows are padded the way the corpus was: to the corpus's sequence length for classification and
+The tokenizer is the one the indexer used for the corpus (the model's word-level tokenizer or a
+local Hugging Face directory, never downloaded), loaded once per open index version by
+:meth:`indexer.index.AttributionIndex.tokenizer`. Token rows are padded the way the corpus was: to the corpus's sequence length for classification and
 regression, to the longest text (at most the card's ``max_length``) for causal-LM, whose labels
 are the tokens themselves with padding ignored.
 """
@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from indexer.cards import pad_token_id
+from indexer.cards import pad_token_id, tokenizer_dir
 from indexer.corpus import IGNORE_INDEX
+from indexer.errors import IndexerError
 from service.core.problems import Problem
 
 
@@ -28,13 +29,12 @@ class TextEncoder:
         self.index_name = index.name
         self.task: str = card.task
         self.pad_id = pad_token_id(card)  # as the corpus was padded (indexer.cards)
-        self.directory: str | None = card.tokenizer or card.architecture.huggingface
+        self.directory = tokenizer_dir(card)
+        self._index = weakref.ref(index)  # the encoder is cached per index: no strong cycle
         corpus = index.manifest["corpus"]
         self.reads_tokens = str(corpus["input_dtype"]).startswith("int")
         self.length: int | None = (int(np.prod(corpus["input_shape"]))
                                    if self.task != "causal-lm" else card.max_length)
-        self._tokenize: Any = None
-        self._lock = threading.Lock()
 
     def check(self) -> None:
         """422 unless this index can read text (a token model whose card names a tokenizer)."""
@@ -48,19 +48,15 @@ class TextEncoder:
                           "Face tokenizer dir>' to the card and rebuild the index")
 
     def tokenizer(self) -> Any:
-        """The card's tokenizer, loaded on first use."""
+        """The card's tokenizer (the index loads it once)."""
         self.check()
-        with self._lock:
-            if self._tokenize is None:
-                from indexer.verbatim import text_tokenizer
-
-                try:
-                    self._tokenize = text_tokenizer(self.directory)  # type: ignore[arg-type]
-                except (OSError, ValueError) as err:
-                    raise Problem(422, "text-not-supported", f"the tokenizer of index "
-                                  f"{self.index_name!r} ({self.directory}) cannot be loaded "
-                                  f"({err}); send token ids as 'x' rows") from None
-            return self._tokenize
+        index = self._index()
+        assert index is not None, "callers hold the index they encode for"
+        try:
+            return index.tokenizer()
+        except IndexerError as err:
+            raise Problem(422, "text-not-supported", f"{err}; send token ids as 'x' rows"
+                          ) from None
 
     def encode(self, texts: list[str], labels: np.ndarray | None
                ) -> tuple[np.ndarray, np.ndarray | None]:

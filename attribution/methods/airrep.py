@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +51,7 @@ from attribution.encoders import (
     model_inputs,
 )
 from attribution.errors import AttributionError
+from attribution.files import atomic_write
 from attribution.methods.base import Method, MethodArguments
 from attribution.tasks import ClassificationTask, Measurement, Task
 
@@ -597,8 +597,8 @@ class AirRep(Method):
             "arguments": self.arguments(),
         }
         text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
-        _atomic_write(path, save(weights))
-        _atomic_write(_manifest_path(path), text.encode())
+        atomic_write(path, lambda handle: handle.write(save(weights)))
+        atomic_write(_manifest_path(path), lambda handle: handle.write(text.encode()))
         return path
 
     @classmethod
@@ -611,19 +611,6 @@ class AirRep(Method):
 
 def _manifest_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _split(rng: np.random.Generator, n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
